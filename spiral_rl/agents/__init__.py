@@ -1,0 +1,1 @@
+"""Agents of the loop: the PlanAgent (think) and the CriticAgent (reflect)."""

@@ -1,0 +1,315 @@
+"""One structured config for the whole system, plus loading and validation.
+
+Composition, e.g. `python -m spiral_rl.config configs/tiny.yaml world.frame_size=64`:
+dataclass defaults <- each *.yaml/*.yml file in order <- each dotted `key=value` override
+(always applied after the files) -> validation (types, ranges, choices, cross-field rules).
+Any problem raises ConfigError at load time naming the dotted key, the bad value and what
+is allowed, so a typo never silently becomes a default deep inside a run.
+
+load_config returns a plain validated `Config` dataclass (not an OmegaConf DictConfig):
+ordinary Python with fast attribute access in hot loops. Treat it as read-only; if you
+change it, call validate() again.
+"""
+
+import math
+import re
+import sys
+from contextlib import contextmanager
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+VERBS = ("move", "move_to", "push", "jump", "swap")
+SHAPES = ("square", "circle", "triangle")
+COMPOSITIONS = tuple(f"{v}:{s}" for v in VERBS for s in SHAPES)  # 'verb:shape' pairs
+
+
+class ConfigError(ValueError):
+    """Bad config: the message names the dotted key, the bad value and what is allowed."""
+
+
+def param(default: Any = MISSING, *, factory: Any = MISSING, **rules: Any) -> Any:
+    """A dataclass field with validation rules in its metadata (checked by `validate`):
+    range="(lo, hi]" (interval notation, inf allowed), choices=(...), any_positive=True.
+    On a list/dataclass field range and choices apply to each element/sub-field, which lets
+    one shared type (ScoreDims) get different rules in different places."""
+    return field(default=default, default_factory=factory, metadata=rules)
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class ScoreDims:
+    """One number per critic dimension; reused for pass thresholds and reward weights."""
+    action_completeness: float = 0.0  # did the requested action actually happen?
+    physical_fidelity: float = 0.0  # plausible motion: no teleports, bystanders stay put
+    temporal_consistency: float = 0.0  # objects keep shape/colour/identity across frames
+    visual_quality: float = 0.0  # frames are sharp, on-palette, not smeared
+
+
+@dataclass
+class TaskMix:
+    """Relative sampling weights of task types (normalised, so they need not sum to 1)."""
+    single: float = 0.4  # one instruction, e.g. 'push the circle'
+    chain: float = 0.4  # several instructions in sequence
+    abstract: float = 0.2  # goal stated abstractly; the planner must decompose it
+
+
+@dataclass
+class WorldConfig:
+    frame_size: int = param(32, range="[8, inf)")  # square frames, pixels; small = CPU-fast
+    # Frames generated per sub-action (>= 2, or there is no motion to judge).
+    segment_frames: int = param(8, range="[2, inf)")
+    # Frames from memory conditioning the world model (at least the current frame).
+    context_frames: int = param(2, range="[1, inf)")
+    min_objects: int = param(2, range="[2, 4]")  # objects per scene; the renderer does 2..4
+    max_objects: int = param(4, range="[2, 4]")
+    # Object half-extent as a fraction of the canvas; above 0.2 scenes get too crowded.
+    size_min: float = param(0.09, range="(0, 0.2]")
+    size_max: float = param(0.12, range="(0, 0.2]")
+    move_step: float = param(0.25, range="(0, 0.5]")  # 'move left' etc., canvas fraction
+    push_distance: float = param(0.2, range="(0, 0.5]")  # how far a pushed object slides
+    jump_height: float = param(0.2, range="(0, 0.5]")  # apex height of a jump
+    max_chain: int = param(4, range="[2, 6]")  # longest chained instruction
+    # How often each task type is sampled.
+    task_mix: TaskMix = param(factory=TaskMix, range="[0, inf)", any_positive=True)
+    # 'verb:shape' pairs never seen in training; only the 'heldout' split uses them.
+    heldout_compositions: list[str] = param(
+        factory=lambda: ["jump:triangle", "push:circle"], choices=COMPOSITIONS)
+    seed: int = param(0, range="[0, inf)")  # scene sampling (numpy wants seeds >= 0)
+
+
+@dataclass
+class ModelConfig:
+    # Video world model size: tiny/small are trained here, wan2.2-5b is loaded from disk.
+    preset: str = param("tiny", choices=("tiny", "small", "wan2.2-5b"))
+    patch_size: int = param(4, range="[1, inf)")  # world.frame_size must be a multiple
+
+
+@dataclass
+class PlannerConfig:
+    # 'builtin' = rule-based decomposition (no weights needed); 'llm' = local language model.
+    kind: str = param("builtin", choices=("builtin", "llm"))
+    model_path: str = ""  # local dir with LLM weights; required when kind='llm'
+
+
+@dataclass
+class CriticConfig:
+    # 'builtin' = pixel heuristics on the synthetic world; 'vlm' = vision-language model.
+    kind: str = param("builtin", choices=("builtin", "vlm"))
+    # A segment passes when every dimension reaches its threshold.
+    thresholds: ScoreDims = param(factory=lambda: ScoreDims(0.8, 0.8, 0.8, 0.6), range="[0, 1]")
+    # Max RGB distance (0-255 units) for a pixel to count as an object's colour.
+    colour_tolerance: float = param(60.0, range="(0, 255]")
+    # A per-frame jump larger than this / segment_frames canvas widths is a teleport;
+    # dividing by segment_frames keeps the rule independent of the frame rate.
+    teleport_canvas_per_segment: float = param(2.4, range="(0, inf)")
+    # Objects not named in the instruction may drift at most this canvas fraction.
+    bystander_tolerance: float = param(0.06, range="(0, 0.5]")
+
+
+@dataclass
+class RewardConfig:
+    # Weights of the scalar reward; action completion dominates on purpose.
+    weights: ScoreDims = param(factory=lambda: ScoreDims(0.5, 0.25, 0.15, 0.1),
+                               range="[0, inf)", any_positive=True)
+    # 'weighted_sum' of raw scores, or normalise each dimension over the batch first.
+    aggregation: str = param("weighted_sum", choices=("weighted_sum", "per_dim_normalise"))
+
+
+@dataclass
+class LoopConfig:
+    # open_loop: generate the whole instruction blindly; plan_only: plan sub-actions, never
+    # check them; spiral: plan -> generate -> critique -> retry / replan.
+    mode: str = param("spiral", choices=("open_loop", "plan_only", "spiral"))
+    max_retries: int = param(2, range="[0, inf)")  # regenerations of a failing segment
+    max_replans: int = param(2, range="[0, inf)")  # replans of the rest before giving up
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/demo"  # logs, videos and the saved config of this run
+    seed: int = param(0, range="[0, inf)")  # torch/numpy/python; separate from world.seed
+    num_tasks: int = param(4, range="[1, inf)")
+    # Task split to draw from ('heldout' = only world.heldout_compositions).
+    split: str = param("val", choices=("train", "val", "test", "heldout"))
+
+
+@dataclass
+class Config:
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _in_range(x: Any, spec: str) -> bool:
+    """Is x inside an interval written like '(0, 0.5]' or '[1, inf)'? (NaN never is.)"""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x):
+        return False
+    lo, hi = (float(s) for s in spec[1:-1].split(","))
+    return (lo < x if spec[0] == "(" else lo <= x) and (x < hi if spec[-1] == ")" else x <= hi)
+
+
+def _rule_errors(obj: Any, prefix: str = "") -> list[str]:
+    """Walk a dataclass tree generically and check every field's metadata rules."""
+    errors = []
+    for f in fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        if is_dataclass(value):  # rules on a container apply to each of its items
+            items = [(f"{key}.{g.name}", getattr(value, g.name)) for g in fields(value)]
+        elif isinstance(value, list):
+            items = [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            items = [(key, value)]
+        rules = f.metadata
+        for k, v in items:
+            if "choices" in rules and v not in rules["choices"]:
+                errors.append(f"{k}={v!r} is not one of {list(rules['choices'])}")
+            if "range" in rules and not _in_range(v, rules["range"]):
+                errors.append(f"{k}={v!r} is out of range; allowed {rules['range']}")
+        if rules.get("any_positive") and not any(_in_range(v, "(0, inf]") for _, v in items):
+            got = {k.rsplit(".", 1)[-1]: v for k, v in items}
+            errors.append(f"{key}: at least one value must be > 0, got {got}")
+        # Recurse so nested dataclasses (also inside lists) get their own rules checked.
+        if is_dataclass(value):
+            errors += _rule_errors(value, key + ".")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                if is_dataclass(v):
+                    errors += _rule_errors(v, f"{key}[{i}].")
+    return errors
+
+
+def _cross_field_errors(c: Config) -> list[str]:
+    """Rules that relate several fields; keep this list short and explicit."""
+    w, m, errors = c.world, c.model, []
+    if w.min_objects > w.max_objects:
+        errors.append(f"world.min_objects={w.min_objects} must be <= "
+                      f"world.max_objects={w.max_objects}")
+    if w.size_min > w.size_max:
+        errors.append(f"world.size_min={w.size_min} must be <= world.size_max={w.size_max}")
+    if w.frame_size % m.patch_size:
+        errors.append(f"world.frame_size={w.frame_size} must be divisible by "
+                      f"model.patch_size={m.patch_size}")
+    if c.planner.kind == "llm" and not c.planner.model_path:
+        errors.append("planner.model_path='' must name a local model dir when planner.kind='llm'")
+    return errors
+
+
+@contextmanager
+def _wrap_omegaconf_errors(source: str):
+    """Turn omegaconf's exceptions into a ConfigError that leads with the dotted key."""
+    try:
+        yield
+    except OmegaConfBaseException as e:
+        msg, key = str(getattr(e, "msg", None) or e).splitlines()[0], getattr(e, "full_key", None)
+        raise ConfigError(f"{key + ': ' if key else ''}{msg} (from {source})") from e
+
+
+def _check_keys(schema: DictConfig, overlay: dict, source: str, prefix: str = "") -> None:
+    """Reject unknown keys (listing the valid ones) and scalars where a section belongs."""
+    for k, v in overlay.items():
+        key = f"{prefix}{k}"
+        if k not in schema:
+            where = f"'{prefix[:-1]}'" if prefix else "top level"
+            raise ConfigError(f"unknown key '{key}' (from {source}); "
+                              f"valid keys at {where}: {list(schema)}")
+        if isinstance(schema[k], DictConfig):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}={v!r} (from {source}) must be a mapping "
+                                  f"with keys {list(schema[k])}")
+            _check_keys(schema[k], v, source, key + ".")
+
+
+def _merge(base: DictConfig, overlay: DictConfig, source: str) -> DictConfig:
+    _check_keys(OmegaConf.structured(Config), OmegaConf.to_container(overlay), source)
+    with _wrap_omegaconf_errors(source):
+        return OmegaConf.merge(base, overlay)  # type-checks and converts each value
+
+
+def validate(cfg: "Config | DictConfig | dict") -> Config:
+    """Check types, per-field and cross-field rules; return the validated Config. Accepts a
+    Config, a DictConfig or a nested dict (missing keys take their defaults). Raises
+    ConfigError listing every rule violation found."""
+    plain = asdict(cfg) if is_dataclass(cfg) else cfg  # re-type-check a hand-built Config
+    node = _merge(OmegaConf.structured(Config), OmegaConf.create(plain), "config")
+    with _wrap_omegaconf_errors("config"):
+        obj = OmegaConf.to_object(node)  # also resolves ${...} interpolations
+    errors = _rule_errors(obj) + _cross_field_errors(obj)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return obj
+
+
+# --------------------------------------------------------------------------- loading / saving
+
+_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def load_config(args: "list[str] | None" = None) -> Config:
+    """Compose defaults <- YAML files (in order) <- key=value overrides; return a validated
+    Config dataclass. Override values are parsed as YAML; a token containing '=' is always
+    an override. None or [] gives the defaults (scripts pass sys.argv[1:] explicitly)."""
+    files, overrides = [], []
+    for tok in args or []:
+        if "=" in tok:
+            overrides.append(tok)
+        elif tok.endswith((".yaml", ".yml")):
+            files.append(tok)
+        else:
+            raise ConfigError(f"bad argument {tok!r}: expected a .yaml/.yml file or a "
+                              "key=value override such as world.frame_size=64")
+
+    cfg = OmegaConf.structured(Config)
+    for path in files:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            overlay = OmegaConf.load(path)
+        except Exception as e:  # YAML syntax errors and the like
+            raise ConfigError(f"could not parse config file {path}: {e}") from e
+        if not isinstance(overlay, DictConfig):
+            raise ConfigError(f"config file {path} must contain a mapping at top level")
+        cfg = _merge(cfg, overlay, path)
+    for tok in overrides:
+        key, value = tok.split("=", 1)
+        if not _KEY.match(key):
+            raise ConfigError(f"bad override {tok!r}: key must be dotted, e.g. world.frame_size=64")
+        overlay = OmegaConf.from_dotlist([f"{key}=''" if value == "" else tok])  # 'k=' -> ''
+        cfg = _merge(cfg, overlay, f"override {tok!r}")
+    return validate(cfg)
+
+
+def _as_node(cfg: "Config | DictConfig") -> DictConfig:
+    return OmegaConf.structured(cfg) if is_dataclass(cfg) else cfg
+
+
+def config_to_dict(cfg: "Config | DictConfig") -> dict:
+    """Plain nested dict of builtins (for JSON records)."""
+    return OmegaConf.to_container(_as_node(cfg), resolve=True)
+
+
+def save_config(cfg: "Config | DictConfig", path: "str | Path") -> Path:
+    """Write the resolved YAML (load_config([path]) reproduces cfg); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(_as_node(cfg), resolve=True))
+    return path
+
+
+if __name__ == "__main__":  # python -m spiral_rl.config configs/tiny.yaml world.frame_size=64
+    try:
+        print(OmegaConf.to_yaml(_as_node(load_config(sys.argv[1:]))), end="")
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")

@@ -1,0 +1,1 @@
+"""The built-in world: procedural scenes of coloured shapes with exact ground truth."""
