@@ -308,8 +308,13 @@ def save_config(cfg: "Config | DictConfig", path: "str | Path") -> Path:
     return path
 
 
-if __name__ == "__main__":  # python -m spiral_rl.config configs/tiny.yaml world.frame_size=64
+def load_config_or_exit(args: list[str]) -> Config:
+    """load_config for command-line drivers: a bad config exits with its message, no traceback."""
     try:
-        print(OmegaConf.to_yaml(_as_node(load_config(sys.argv[1:]))), end="")
+        return load_config(args)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+
+
+if __name__ == "__main__":  # python -m spiral_rl.config configs/tiny.yaml world.frame_size=64
+    print(OmegaConf.to_yaml(_as_node(load_config_or_exit(sys.argv[1:]))), end="")

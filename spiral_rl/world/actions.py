@@ -47,6 +47,10 @@ def step_text(step: Step) -> str:
     raise ValueError(f"unknown verb {step.verb!r}")
 
 
+def _xy(pos) -> str:
+    return f"({pos[0]:.2f}, {pos[1]:.2f})"
+
+
 def _at(obj: ObjectState, pos: np.ndarray, tol: float, text: str) -> Predicate:
     return Predicate("at", (obj.name, round(float(pos[0]), 6), round(float(pos[1]), 6), tol), text)
 
@@ -61,11 +65,12 @@ def make_sub_action(scene, step: Step, physics: Physics) -> tuple[SubAction, tup
     a = scene[find(scene, step.subject)]
     a_end = end[find(scene, step.subject)]
     pre = [Predicate("visible", (n,), f"the {n} is visible") for n in (step.subject, *step.objects)]
-    pre += [_at(scene[find(scene, n)], scene[find(scene, n)].pos, PRE_TOL,
-                f"the {n} is where the plan expects it") for n in (step.subject, *step.objects)]
+    for n in (step.subject, *step.objects):
+        o = scene[find(scene, n)]
+        pre.append(_at(o, o.pos, PRE_TOL, f"the {n} is near {_xy(o.pos)}"))
     post: list[Predicate] = []
     if step.verb == "move":
-        post.append(_at(a, a_end.pos, AT_TOL, f"the {a.name} has moved {dict(step.args)['direction']}"))
+        post.append(_at(a, a_end.pos, AT_TOL, f"the {a.name} has moved {dict(step.args)['direction']} to {_xy(a_end.pos)}"))
     elif step.verb == "move_to":
         region = dict(step.args)["region"]
         post.append(Predicate("in_region", (a.name, region), f"the {a.name} is in {REGION_WORDS[region]}"))
@@ -74,7 +79,7 @@ def make_sub_action(scene, step: Step, physics: Physics) -> tuple[SubAction, tup
         b_end = end[find(scene, b.name)]
         post.append(Predicate("touches", (a.name, b.name, round(reach(a) + reach(b), 6), AT_TOL),
                               f"the {a.name} touches the {b.name}"))
-        post.append(_at(b, b_end.pos, AT_TOL, f"the {b.name} has been pushed away from the {a.name}"))
+        post.append(_at(b, b_end.pos, AT_TOL, f"the {b.name} has been pushed to {_xy(b_end.pos)}"))
     elif step.verb == "jump":
         height = round(float(a.y - track[:, find(scene, a.name), 1].min()), 6)
         post.append(Predicate("rose", (a.name, height), f"the {a.name} jumped up", when="during"))
