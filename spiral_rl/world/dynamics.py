@@ -35,6 +35,7 @@ REGION_BOXES: dict[str, tuple[float, float, float, float]] = {
     "bottom_left": (0, 1 / 3, 2 / 3, 1), "bottom_right": (2 / 3, 1, 2 / 3, 1),
 }
 VERBS = ("move", "move_to", "push", "jump", "swap")
+MIN_REGION_TRAVEL = 0.1  # canvas fraction; twice the critic's smallest progress span
 
 
 class Infeasible(ValueError):
@@ -57,8 +58,13 @@ class Physics:
 
 
 def in_region(x: float, y: float, region: str) -> bool:
+    return region_distance(x, y, region) == 0.0
+
+
+def region_distance(x: float, y: float, region: str) -> float:
+    """Distance from (x, y) to the region's box (0 inside it)."""
     x0, x1, y0, y1 = REGION_BOXES[region]
-    return x0 <= x <= x1 and y0 <= y <= y1
+    return float(np.hypot(max(x0 - x, 0.0, x - x1), max(y0 - y, 0.0, y - y1)))
 
 
 def _ease(frames: int) -> np.ndarray:
@@ -103,8 +109,10 @@ def simulate(scene, verb: str, subject: str, objects=(), args=None, physics=Phys
         track[:, i] = a.pos + d * dist * e
     elif verb == "move_to":
         region = args["region"]
-        if in_region(a.x, a.y, region):
-            raise Infeasible(f"the {subject} is already in the {region.replace('_', '-')} region")
+        # A step that ends a hair's breadth from where it started teaches nothing and would let a
+        # segment that does not move pass as complete: require a real distance to the region.
+        if region_distance(a.x, a.y, region) < MIN_REGION_TRAVEL:
+            raise Infeasible(f"the {subject} is already in or at the edge of the {region.replace('_', '-')} region")
         tx, ty = REGION_TARGETS[region]
         target = np.array(_clamp_target(a, a.x if tx is None else tx, a.y if ty is None else ty))
         track[:, i] = a.pos + (target - a.pos) * e

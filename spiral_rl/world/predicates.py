@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from spiral_rl.records import Predicate
-from spiral_rl.world.dynamics import REGION_BOXES
+from spiral_rl.world.dynamics import region_distance
 
 _MIN_SPAN = 0.05  # canvas fraction: the smallest distance a progress ratio is measured against
 
@@ -25,13 +25,6 @@ def _progress(d_start: float, d_end: float, tol: float) -> float:
         return 1.0
     span = max(d_start - tol, _MIN_SPAN) if np.isfinite(d_start) else _MIN_SPAN
     return float(np.clip(1.0 - (d_end - tol) / span, 0.0, 1.0))
-
-
-def _box_distance(p: np.ndarray, region: str) -> float:
-    x0, x1, y0, y1 = REGION_BOXES[region]
-    dx = max(x0 - p[0], 0.0, p[0] - x1)
-    dy = max(y0 - p[1], 0.0, p[1] - y1)
-    return float(np.hypot(dx, dy))
 
 
 def degree(pred: Predicate, track: np.ndarray, names: Sequence[str]) -> float:
@@ -51,7 +44,7 @@ def degree(pred: Predicate, track: np.ndarray, names: Sequence[str]) -> float:
     if pred.kind == "in_region":
         name, region = pred.args
         p = track[:, idx[name]]
-        return _progress(_box_distance(p[0], region), _box_distance(p[-1], region), 0.0)
+        return _progress(region_distance(*p[0], region), region_distance(*p[-1], region), 0.0)
     if pred.kind == "touches":
         a, b, contact, tol = pred.args
         gap = np.hypot(*(track[:, idx[a]] - track[:, idx[b]]).T) - contact  # (T + 1,)
