@@ -23,7 +23,7 @@ import imageio.v2 as imageio
 import numpy as np
 
 from spiral_rl.agents.critic import CriticAgent
-from spiral_rl.agents.planner import PlanAgent
+from spiral_rl.agents.planner import PlanAgent, PlanError
 from spiral_rl.config import load_config_or_exit, save_config
 from spiral_rl.memory import WorldMemory
 from spiral_rl.records import Segment
@@ -78,10 +78,19 @@ def run_episode(task, cfg, planner, critic, rng) -> tuple[dict, np.ndarray]:
         video.extend(segment.frames)
         record["steps"].append({"sub_action": sub.text, "attempts": attempts, "committed": verdict.decision})
         k += 1
-        if verdict.decision == "replan" and record["replans"] < cfg.loop.max_replans and k < len(plan):
-            plan = plan[:k] + planner.replan(plan[k:], memory.objects)  # outer loop: fix stale conditions
+        # Outer loop: the critic saw drift, or the retry budget ran out on a flawed segment, so the
+        # rest of the plan assumes a world that no longer exists: re-plan it from memory.
+        if verdict.decision != "accept" and k < len(plan):
+            if record["replans"] == cfg.loop.max_replans:
+                record["aborted"] = "re-plan budget exhausted"
+                break
             record["replans"] += 1
-    record["success"] = all(s["committed"] != "refine" for s in record["steps"])
+            try:
+                plan = plan[:k] + planner.replan(plan[k:], memory.objects)
+            except PlanError as e:
+                record["aborted"] = f"re-plan failed: {e}"
+                break
+    record["success"] = k == len(plan) and all(s["committed"] != "refine" for s in record["steps"])
     return record, np.stack(video)
 
 
@@ -109,7 +118,7 @@ def main(argv: list[str]) -> int:
                 print(f"    {step['sub_action']!r} attempt {a['attempt']} (injected: {flaw}) -> "
                       f"{a['decision']} reward {a['reward']:.2f}: {a['feedback']}")
         print(f"    -> {'success' if record['success'] else 'failed'} in {n_att} attempts, "
-              f"{record['replans']} re-plans")
+              f"{record['replans']} re-plans" + (f" ({record['aborted']})" if "aborted" in record else ""))
     solved = sum(r["success"] for r in records)
     mean_attempts = np.mean([len(s["attempts"]) for r in records for s in r["steps"]])
     summary = {"tasks": len(records), "success": solved, "attempts_per_step": round(float(mean_attempts), 3),

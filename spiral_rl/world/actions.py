@@ -55,13 +55,14 @@ def _at(obj: ObjectState, pos: np.ndarray, tol: float, text: str) -> Predicate:
     return Predicate("at", (obj.name, round(float(pos[0]), 6), round(float(pos[1]), 6), tol), text)
 
 
-def make_sub_action(scene, step: Step, physics: Physics) -> tuple[SubAction, tuple[ObjectState, ...], np.ndarray]:
+def make_sub_action(scene, step: Step, physics: Physics, margin: float = 0.0) -> tuple[SubAction, tuple[ObjectState, ...], np.ndarray]:
     """SubAction for `step` in `scene`, the scene after it, and its exact track (T + 1, N, 2).
 
-    Raises Infeasible if the world cannot carry the step out, KeyError for unknown objects.
+    Raises Infeasible if the world cannot carry the step out (see simulate for `margin`),
+    KeyError for unknown objects.
     """
     scene = tuple(scene)
-    track, end = simulate(scene, step.verb, step.subject, step.objects, dict(step.args), physics)
+    track, end = simulate(scene, step.verb, step.subject, step.objects, dict(step.args), physics, margin)
     a = scene[find(scene, step.subject)]
     a_end = end[find(scene, step.subject)]
     pre = [Predicate("visible", (n,), f"the {n} is visible") for n in (step.subject, *step.objects)]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from spiral_rl.records import ObjectState
-from spiral_rl.world.scene import extent, find, inside_canvas, reach
+from spiral_rl.world.scene import extent, find, inside_canvas, outside_by, reach
 
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 
@@ -35,6 +35,7 @@ REGION_BOXES: dict[str, tuple[float, float, float, float]] = {
     "bottom_left": (0, 1 / 3, 2 / 3, 1), "bottom_right": (2 / 3, 1, 2 / 3, 1),
 }
 VERBS = ("move", "move_to", "push", "jump", "swap")
+PERCEPTION_SLACK = 0.03  # canvas fraction: about a pixel at 32 px, the error of perceived positions
 MIN_REGION_TRAVEL = 0.1  # canvas fraction; twice the critic's smallest progress span
 
 
@@ -88,8 +89,12 @@ def _clamp_target(obj: ObjectState, x: float, y: float) -> tuple[float, float]:
     return float(np.clip(x, left, 1.0 - right)), float(np.clip(y, up, 1.0 - down))
 
 
-def simulate(scene, verb: str, subject: str, objects=(), args=None, physics=Physics()):
+def simulate(scene, verb: str, subject: str, objects=(), args=None, physics=Physics(), margin: float = 0.0):
     """Exact motion of one step.
+
+    margin: extra distance a move, push or jump must have room for (canvas fraction). The task
+    sampler asks for PERCEPTION_SLACK, so a sampled step stays feasible when it is re-simulated
+    from positions perceived from pixels (off by up to a pixel); the motion itself is unchanged.
 
     Returns (track, end_scene): track (T + 1, N, 2) float64 centroids in scene order, end_scene
     the objects at frame T. Raises Infeasible (with the reason) or KeyError (unknown object).
@@ -104,14 +109,14 @@ def simulate(scene, verb: str, subject: str, objects=(), args=None, physics=Phys
     if verb == "move":
         d = np.array(DIRECTIONS[args["direction"]])
         dist = min(physics.move_step, _free_travel(a, d))
-        if dist < 0.5 * physics.move_step:
+        if dist < 0.5 * physics.move_step + margin:
             raise Infeasible(f"the {subject} is too close to the {args['direction']} edge to move {args['direction']}")
         track[:, i] = a.pos + d * dist * e
     elif verb == "move_to":
         region = args["region"]
         # A step that ends a hair's breadth from where it started teaches nothing and would let a
         # segment that does not move pass as complete: require a real distance to the region.
-        if region_distance(a.x, a.y, region) < MIN_REGION_TRAVEL:
+        if region_distance(a.x, a.y, region) < MIN_REGION_TRAVEL + margin:
             raise Infeasible(f"the {subject} is already in or at the edge of the {region.replace('_', '-')} region")
         tx, ty = REGION_TARGETS[region]
         target = np.array(_clamp_target(a, a.x if tx is None else tx, a.y if ty is None else ty))
@@ -123,14 +128,15 @@ def simulate(scene, verb: str, subject: str, objects=(), args=None, physics=Phys
         dist = float(np.hypot(*gap))
         u = gap / max(dist, 1e-9)
         approach = dist - reach(a) - reach(b)
-        if approach < 0:
+        if approach < -PERCEPTION_SLACK:
             raise Infeasible(f"the {subject} already overlaps the {b.name}")
+        approach = max(approach, 0.0)  # already touching, up to perception error: push at once
         push = physics.push_distance
         for _ in range(20):  # shorten the push until both objects stay on the canvas
             if inside_canvas(b, *(b.pos + u * push)) and inside_canvas(a, *(a.pos + u * (approach + push))):
                 break
             push *= 0.85
-        if push < 0.5 * physics.push_distance:
+        if push < 0.5 * physics.push_distance + margin:
             raise Infeasible(f"the {b.name} cannot be pushed that way: it would leave the canvas")
         travel = (approach + push) * e  # (T + 1, 1) distance covered by the pusher
         track[:, i] = a.pos + u * travel
@@ -139,7 +145,7 @@ def simulate(scene, verb: str, subject: str, objects=(), args=None, physics=Phys
     elif verb == "jump":
         up = extent(a.shape, a.size)[2]
         h = min(physics.jump_height, a.y - up)
-        if h < 0.5 * physics.jump_height:
+        if h < 0.5 * physics.jump_height + margin:
             raise Infeasible(f"the {subject} is too close to the top edge to jump")
         arc = np.sin(np.pi * np.arange(T + 1) / T)  # up and back, no easing: a ballistic hop
         track[:, i, 1] = a.y - h * arc
@@ -177,16 +183,23 @@ def simulate(scene, verb: str, subject: str, objects=(), args=None, physics=Phys
 
 
 def _problem(scene, track: np.ndarray, contact) -> str:
-    """'' if every object stays on the canvas and no two overlap in any frame, else the reason."""
+    """'' if no object leaves the canvas and no two overlap in any frame, else the reason.
+
+    Scenes perceived from pixels (memory, re-planning) are off by up to a pixel, so touching
+    objects can look slightly overlapped and an object at the edge slightly outside. What is
+    checked is that motion never makes either worse than it is at frame 0.
+    """
     for k, o in enumerate(scene):
-        for t in range(track.shape[0]):
-            if not inside_canvas(o, *track[t, k]):
-                return f"the {o.name} would leave the canvas"
+        start = outside_by(o, *track[0, k])
+        if any(outside_by(o, *track[t, k]) > start + 1e-9 for t in range(1, track.shape[0])):
+            return f"the {o.name} would leave the canvas"
     n = len(scene)
     for p in range(n):
         for q in range(p + 1, n):
-            dist = np.hypot(*(track[:, p] - track[:, q]).T)
-            limit = reach(scene[p]) + reach(scene[q]) - (1e-6 if contact and {p, q} == set(contact) else 0.0)
+            dist = np.hypot(*(track[:, p] - track[:, q]).T)  # (T + 1,)
+            limit = min(reach(scene[p]) + reach(scene[q]), dist[0])
+            if contact and {p, q} == set(contact):
+                limit -= 1e-6
             if np.any(dist < limit - 1e-9):
                 return f"the {scene[p].name} and the {scene[q].name} would collide"
     return ""

@@ -42,11 +42,16 @@ def extent(shape: str, size: float) -> tuple[float, float, float, float]:
     return size, size, size, size
 
 
-def inside_canvas(obj: ObjectState, x: float | None = None, y: float | None = None) -> bool:
+def outside_by(obj: ObjectState, x: float | None = None, y: float | None = None) -> float:
+    """How far (canvas fraction) the object at (x, y) sticks out of the canvas; 0 when inside."""
     x = obj.x if x is None else x
     y = obj.y if y is None else y
     left, right, up, down = extent(obj.shape, obj.size)
-    return x - left >= 0.0 and x + right <= 1.0 and y - up >= 0.0 and y + down <= 1.0
+    return max(0.0, left - x, x + right - 1.0, up - y, y + down - 1.0)
+
+
+def inside_canvas(obj: ObjectState, x: float | None = None, y: float | None = None) -> bool:
+    return outside_by(obj, x, y) <= 1e-9  # float round-off at the edge is not leaving it
 
 
 def overlapping(a: ObjectState, b: ObjectState, slack: float = 0.0) -> bool:

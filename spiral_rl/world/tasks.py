@@ -11,7 +11,7 @@ import numpy as np
 
 from spiral_rl.records import SubAction, Task
 from spiral_rl.world.actions import REGION_WORDS, Step, make_sub_action, step_text
-from spiral_rl.world.dynamics import DIRECTIONS, Infeasible, Physics, VERBS
+from spiral_rl.world.dynamics import DIRECTIONS, PERCEPTION_SLACK, Infeasible, Physics, VERBS
 from spiral_rl.world.goals import GOALS
 from spiral_rl.world.language import join_clauses
 from spiral_rl.world.render import render_frame
@@ -75,7 +75,7 @@ class TaskSampler:
             for _ in range(50):
                 step = _random_step(rng, now)
                 try:
-                    sub, after, _ = make_sub_action(now, step, self.physics)
+                    sub, after, _ = make_sub_action(now, step, self.physics, PERCEPTION_SLACK)
                 except Infeasible:
                     continue
                 steps.append(step)
@@ -89,7 +89,7 @@ class TaskSampler:
     def _build(self, scene, steps) -> list[SubAction]:
         plan = []
         for step in steps:
-            sub, scene, _ = make_sub_action(scene, step, self.physics)
+            sub, scene, _ = make_sub_action(scene, step, self.physics, PERCEPTION_SLACK)
             plan.append(sub)
         return plan
 
