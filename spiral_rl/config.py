@@ -88,6 +88,19 @@ class ModelConfig:
     # Video world model size: tiny/small are trained here, wan2.2-5b is loaded from disk.
     preset: str = param("tiny", choices=("tiny", "small", "wan2.2-5b"))
     patch_size: int = param(4, range="[1, inf)")  # world.frame_size must be a multiple
+    max_text_len: int = param(64, range="[2, inf)")  # text tokens incl. <bos>; a clause is <= 9
+    # Recompute each DiT block's activations in backward: less memory, ~30% more compute.
+    gradient_checkpointing: bool = False
+    # Attention kernel: 'auto' picks flash-attn when installed and usable, else torch SDPA.
+    attn_backend: str = param("auto", choices=("auto", "flash_attn", "sdpa", "math"))
+    # World-model checkpoint (a world_model.pt file, or a dir holding one) to start from;
+    # '' = random init. launch/sft.py writes one to <run.output_dir>/world_model.pt.
+    pretrained_path: str = ""
+    sample_steps: int = param(20, range="[1, inf)")  # ODE (and SDE) denoising steps per segment
+    # Classifier-free guidance scale; 1 = off (one model call per step, no unconditional pass).
+    guidance: float = param(1.0, range="[0, inf)")
+    # Timestep shift t' = s t / (1 + (s - 1) t) for training and sampling; > 1 favours high noise.
+    shift: float = param(1.0, range="(0, inf)")
 
 
 @dataclass
@@ -140,6 +153,32 @@ class RunConfig:
 
 
 @dataclass
+class TrainConfig:
+    """World-model pre-training on the built-in world (launch/sft.py: Ray Train + DeepSpeed)."""
+    steps: int = param(2000, range="[1, inf)")  # optimizer steps
+    batch_size: int = param(8, range="[1, inf)")  # segments per rank per step
+    lr: float = param(3e-4, range="(0, inf)")  # peak AdamW learning rate, cosine-decayed to 0
+    weight_decay: float = param(0.0, range="[0, inf)")
+    warmup_steps: int = param(100, range="[0, inf)")  # linear warm-up from 0 to lr
+    grad_clip: float = param(1.0, range="[0, inf)")  # max global gradient norm; 0 = no clipping
+    num_train_tasks: int = param(512, range="[1, inf)")  # tasks of the 'train' split (all their steps)
+    num_val_tasks: int = param(16, range="[1, inf)")  # tasks of the 'val' split for evaluation
+    # Every N steps: validation loss and critic scores of ODE samples; 0 = only at the end.
+    eval_every: int = param(0, range="[0, inf)")
+    checkpoint_every: int = param(500, range="[0, inf)")  # 0 = only at the end
+    log_every: int = param(10, range="[1, inf)")
+    zero_stage: int = param(2, range="[0, 3]")  # DeepSpeed ZeRO stage
+    # bf16 mixed precision: 'auto' = on where the device supports it (CUDA with bf16), else off.
+    bf16: Any = param("auto", choices=("auto", True, False))
+    num_workers: int = param(1, range="[1, inf)")  # Ray Train workers (ranks), one GPU each if use_gpu
+    use_gpu: bool = False
+    # Continue from the latest checkpoint in run.output_dir (else that dir must hold none).
+    resume: bool = False
+    # Noise-level sampling of the flow-matching loss (SD3's logit-normal favours mid noise).
+    t_sampling: str = param("logit_normal", choices=("uniform", "logit_normal"))
+
+
+@dataclass
 class Config:
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -148,6 +187,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # --------------------------------------------------------------------------- validation
@@ -202,6 +242,8 @@ def _cross_field_errors(c: Config) -> list[str]:
     if w.frame_size % m.patch_size:
         errors.append(f"world.frame_size={w.frame_size} must be divisible by "
                       f"model.patch_size={m.patch_size}")
+    if not (c.train.bf16 == "auto" or isinstance(c.train.bf16, bool)):  # 1 == True, so check the type
+        errors.append(f"train.bf16={c.train.bf16!r} must be 'auto', true or false")
     if c.planner.kind == "llm" and not c.planner.model_path:
         errors.append("planner.model_path='' must name a local model dir when planner.kind='llm'")
     return errors

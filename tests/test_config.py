@@ -42,6 +42,18 @@ def test_tiny_overlay():
     assert cfg.world.frame_size == 32  # untouched keys keep their defaults
 
 
+def test_train_section_and_bf16_values():
+    cfg = load_config(["train.bf16=true", "train.zero_stage=3", "model.guidance=2.5"])
+    assert cfg.train.bf16 is True and cfg.train.zero_stage == 3 and cfg.model.guidance == 2.5
+    assert load_config(["train.bf16=false"]).train.bf16 is False
+    assert load_config([]).train.bf16 == "auto"
+
+
+def test_sft_ci_overlay():
+    cfg = load_config([str(CONFIGS / "sft_ci.yaml")])
+    assert cfg.train.steps < Config().train.steps and cfg.train.use_gpu is False
+
+
 def test_yaml_files_then_overrides_compose_in_order(tmp_path):
     a = write_yaml(tmp_path, "a.yaml", "world:\n  frame_size: 64\n  seed: 1\n")
     b = write_yaml(tmp_path, "b.yml", "world:\n  frame_size: 16\n")
@@ -106,6 +118,15 @@ BAD_OVERRIDES = [
     (["model.patch_size=5"], ["world.frame_size=32", "model.patch_size=5"]),
     (["model.preset=huge"], ["model.preset='huge'", "wan2.2-5b"]),
     (["run.split=dev"], ["run.split='dev'", "heldout"]),
+    (["model.attn_backend=xformers"], ["model.attn_backend='xformers'", "flash_attn"]),
+    (["model.sample_steps=0"], ["model.sample_steps=0", "[1, inf)"]),
+    (["model.shift=0"], ["model.shift=0", "(0, inf)"]),
+    (["train.zero_stage=4"], ["train.zero_stage=4", "[0, 3]"]),
+    (["train.bf16=maybe"], ["train.bf16='maybe'", "auto"]),
+    (["train.bf16=1"], ["train.bf16=1", "'auto', true or false"]),
+    (["train.t_sampling=beta"], ["train.t_sampling='beta'", "logit_normal"]),
+    (["train.batch_size=0"], ["train.batch_size=0", "[1, inf)"]),
+    (["train.lr=0"], ["train.lr=0", "(0, inf)"]),
     (["world.min_objects=4", "world.max_objects=3"], ["world.min_objects=4", "world.max_objects=3"]),
     (["world.max_objects=5"], ["world.max_objects=5", "[2, 4]"]),
     (["world.size_min=0.15", "world.size_max=0.1"], ["world.size_min=0.15", "world.size_max=0.1"]),

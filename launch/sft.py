@@ -1,0 +1,363 @@
+"""Pre-train the world model on the built-in world: Ray Train (TorchTrainer) + DeepSpeed ZeRO.
+
+    python launch/sft.py configs/sft_ci.yaml run.output_dir=runs/sft_ci      # smoke run, < 1 min on 2 CPU cores
+    python launch/sft.py run.output_dir=runs/sft                             # the default run (CPU, 1 worker)
+    python launch/sft.py run.output_dir=runs/sft train.resume=true train.steps=4000   # continue it
+    python launch/sft.py run.output_dir=runs/sft_2w train.num_workers=2 train.zero_stage=3  # 2 ranks, ZeRO-3, gloo
+    ray job submit --working-dir . -- python3 launch/sft.py model.preset=small train.use_gpu=true \
+        train.num_workers=8 run.output_dir=/shared/runs/sft_small               # a cluster (shared storage)
+
+Single controller: this driver composes the config, starts (or joins) Ray, and runs one
+TorchTrainer whose workers each own one DeepSpeed engine (ZeRO stage train.zero_stage; bf16
+where the device has it; gloo on CPU, NCCL on GPU). Each step a rank trains on its slice of a
+global batch drawn from per-epoch permutations of the SegmentDataset, so a resumed run sees the
+batches an uninterrupted one would. Ray Train checkpoints hold every rank's DeepSpeed shards
+(tag `step<N>`: DeepSpeed's own `latest` file names it, so no tag may be called "latest").
+
+Writes into run.output_dir (on a cluster it must be storage every node sees):
+    config.yaml     the resolved config
+    ray/sft/        the Ray Train run: checkpoint_step<N>/ (DeepSpeed shards), run state
+    world_model.pt  the trained weights in fp32 (WorldModel.load, or model.pretrained_path)
+    eval.json       ODE samples of the val split scored by the CriticAgent (mean per dimension,
+                    ground-truth ceiling, per verb), validation loss before and after, loss curve
+Run with no Ray address it starts a local Ray on loopback (DESIGN.md section 7 sets the env);
+under `ray job submit` (RAY_ADDRESS set) it joins the cluster. train.resume=true continues from
+the run's latest checkpoint; without it, a run directory that already has checkpoints is refused.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+             "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+if not os.environ.get("RAY_ADDRESS"):  # local run: stay on loopback; set before Ray is imported
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+import torch  # noqa: E402
+from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
+
+from spiral_rl.agents.critic import CriticAgent  # noqa: E402
+from spiral_rl.config import config_to_dict, load_config_or_exit, save_config, validate  # noqa: E402
+from spiral_rl.memory import WorldMemory  # noqa: E402
+from spiral_rl.records import SCORE_DIMS  # noqa: E402
+from spiral_rl.world.dataset import SegmentDataset  # noqa: E402
+from spiral_rl.world_model import CHECKPOINT_NAME, WorldModel  # noqa: E402
+
+RUN_NAME = "sft"
+HISTORY_NAME = "history.json"  # in the final checkpoint: loss curve and every evaluation
+VAL_SEED = 12345  # noise of the validation loss and of the evaluation samples: fixed, comparable
+
+
+# --------------------------------------------------------------------------- data
+
+
+def batch_indices(step: int, n: int, global_batch: int, seed: int) -> np.ndarray:
+    """Dataset indices of `step`'s global batch: consecutive slices of per-epoch permutations."""
+    pos = np.arange(step * global_batch, (step + 1) * global_batch)
+    order = {e: np.random.default_rng([seed, e]).permutation(n) for e in np.unique(pos // n)}
+    return np.array([order[p // n][p % n] for p in pos])
+
+
+def collate(examples) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """-> context (B, K, H, W, 3) uint8, frames (B, T, H, W, 3) uint8, sub-action texts."""
+    return (np.stack([e.context for e in examples]), np.stack([e.frames for e in examples]),
+            [e.sub_action.text for e in examples])
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+
+
+def deepspeed_config(cfg, world_size: int, bf16: bool) -> dict:
+    t = cfg.train
+    zero = {"stage": t.zero_stage}
+    if t.zero_stage == 3:  # small models: gather whole layers rather than prefetch-tune
+        zero |= {"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False}
+    return {
+        "train_batch_size": t.batch_size * world_size,
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": 1,
+        # torch_adam: torch's AdamW, no JIT-compiled kernel (GPU boxes here have no nvcc).
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [0.9, 0.99], "eps": 1e-8,
+                                                  "weight_decay": t.weight_decay, "torch_adam": True}},
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # our own progress lines instead
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up to 1, then cosine decay to 0 at `total` steps (a multiplier of train.lr)."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The fp32 master weights, whole, on every rank (a collective: every rank must call it).
+    ZeRO 1-3 and the bf16 optimizer keep fp32 masters apart from the (bf16 / partitioned) module;
+    safe_get_full_fp32_param assembles them. Without such a wrapper the module's own fp32
+    parameters are the masters."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    state = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        state[name] = (full if full is not None else p.data).detach().float().cpu().clone()
+    return state
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def validation_loss(model: WorldModel, examples, batch_size: int, t_sampling: str) -> float:
+    """Mean flow-matching loss over `examples` with fixed noise: comparable across steps."""
+    gen = torch.Generator(model.device).manual_seed(VAL_SEED)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            loss, _ = model.loss(*collate(chunk), generator=gen, t_sampling=t_sampling)
+            total += loss.item() * len(chunk)
+    return total / max(1, len(examples))
+
+
+def score_examples(model: WorldModel | None, examples, critic: CriticAgent, batch_size: int,
+                   context_frames: int) -> list[dict]:
+    """ODE-sample each example's segment (model None: take the ground truth) and score it.
+    Seeds are per example, so results do not depend on how examples are split over ranks."""
+    rows = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        context, truth, texts = collate(chunk)
+        frames = truth if model is None else model.generate(context, texts, seed=[VAL_SEED + hash_id(e) for e in chunk])
+        memories = [WorldMemory(e.context, e.scene, context_frames) for e in chunk]
+        for e, v in zip(chunk, critic.score_batch(list(frames), [e.sub_action for e in chunk], memories)):
+            rows.append({"verb": e.sub_action.verb, "decision": v.decision, **v.scores})
+    return rows
+
+
+def hash_id(example) -> int:
+    """A stable int per example (its task id and step text), for per-example seeds."""
+    return zlib.crc32(f"{example.task_id}/{example.sub_action.text}".encode())
+
+
+def summarise(rows: list[dict]) -> dict:
+    mean = lambda rs, d: round(float(np.mean([r[d] for r in rs])), 4) if rs else None  # noqa: E731
+    out = {d: mean(rows, d) for d in SCORE_DIMS}
+    out["accepted"] = round(float(np.mean([r["decision"] == "accept" for r in rows])), 4) if rows else None
+    out["segments"] = len(rows)
+    return out
+
+
+def evaluate(engine, cfg, val, critic, device, with_ground_truth: bool) -> tuple[dict, dict]:
+    """Every rank scores its share of the val examples with an fp32 copy of the master weights;
+    returns (summary, full state dict). Collective: every rank must call it."""
+    import torch.distributed as dist
+    state = full_state_dict(engine)
+    model = WorldModel(cfg.model, cfg.world.segment_frames).to(device)
+    model.load_state_dict(state)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = val[rank::world]
+    t = cfg.train
+    local = {"rows": score_examples(model, mine, critic, t.batch_size, cfg.world.context_frames),
+             "loss_sum": validation_loss(model, mine, t.batch_size, t.t_sampling) * len(mine), "n": len(mine)}
+    if with_ground_truth:
+        local["truth"] = score_examples(None, mine, critic, t.batch_size, cfg.world.context_frames)
+    parts = [None] * world
+    dist.all_gather_object(parts, local)
+    rows = [r for p in parts for r in p["rows"]]
+    summary = {"val_loss": round(sum(p["loss_sum"] for p in parts) / sum(p["n"] for p in parts), 5),
+               "scores": summarise(rows),
+               "by_verb": {v: summarise([r for r in rows if r["verb"] == v]) for v in sorted({r["verb"] for r in rows})}}
+    if with_ground_truth:
+        summary["ground_truth"] = summarise([r for p in parts for r in p["truth"]])
+    return summary, state
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def _say(line: str) -> None:
+    """Rank 0's progress line. Not print(): Ray Train patches print in workers and, with stdout
+    wrapped, emits every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def train_loop(loop_config: dict) -> None:
+    """One Ray Train worker = one rank = one DeepSpeed engine."""
+    import deepspeed
+    import torch.distributed as dist
+
+    cfg = validate(loop_config["cfg"])
+    t = cfg.train
+    # DeepSpeed's ZeRO collectives call torch APIs that torch 2.13 marks deprecated, every step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    bf16 = t.bf16 if t.bf16 != "auto" else (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if bf16 and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        raise ValueError(f"train.bf16=true but {device} has no bf16 support; use train.bf16=auto")
+    say = _say if rank == 0 else (lambda line: None)
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = WorldModel.from_config(cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, world, bf16),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps)),
+        dist_init_required=False)  # Ray Train already set up torch.distributed
+
+    train = SegmentDataset(cfg.world, "train", t.num_train_tasks)
+    val = SegmentDataset(cfg.world, "val", t.num_val_tasks).examples
+    critic = CriticAgent.from_config(cfg)
+    step, history = 0, {"train": [], "val": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _, client = engine.load_checkpoint(d)  # reads DeepSpeed's `latest` -> tag step<N>
+        step, history = client["step"], client["history"]
+        say(f"resumed from {checkpoint.path} at step {step}")
+    say(f"{world} rank(s) on {device}, ZeRO-{t.zero_stage}, bf16={bf16}, {torch.get_num_threads()} threads/rank; "
+        f"{len(train)} train / {len(val)} val segments; {sum(p.numel() for p in model.parameters()):,} params")
+
+    def save_and_report(metrics: dict, extra_files: dict | None = None) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag=f"step{step}", client_state={"step": step, "history": history})
+            for name, write in (extra_files or {}).items():
+                write(Path(d) / name)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"checkpoint_step{step:07d}")
+
+    if not history["val"]:  # the untrained model's validation loss, the baseline for "it learned"
+        summary, _ = evaluate(engine, cfg, val, critic, device, with_ground_truth=False)
+        history["val"].append({"step": step, **summary})
+        say(f"step {step}: val loss {summary['val_loss']:.4f}, critic {summary['scores']}")
+
+    global_batch = t.batch_size * world
+    window, tic = [], time.time()
+    while step < t.steps:
+        idx = batch_indices(step, len(train), global_batch, cfg.run.seed)[rank * t.batch_size:(rank + 1) * t.batch_size]
+        gen = torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + step * 1009 + rank)
+        loss, _ = engine(*collate([train[int(i)] for i in idx]), generator=gen, t_sampling=t.t_sampling)
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        window.append(loss.detach())
+        if step % t.log_every == 0 or step == t.steps:
+            mean = torch.stack(window).mean().float().to(device)
+            dist.all_reduce(mean)
+            elapsed = time.time() - tic
+            row = {"step": step, "loss": round(mean.item() / world, 5), "lr": engine.get_lr()[0],
+                   "samples_per_s": round(len(window) * global_batch / elapsed, 2)}
+            history["train"].append(row)
+            say(f"step {step}/{t.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                f"samples/s {row['samples_per_s']:.1f}")
+            window, tic = [], time.time()
+        if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+            summary, _ = evaluate(engine, cfg, val, critic, device, with_ground_truth=False)
+            history["val"].append({"step": step, **summary})
+            say(f"step {step}: val loss {summary['val_loss']:.4f}, critic {summary['scores']}")
+            tic = time.time()  # samples/s counts training only
+        if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
+            save_and_report({"step": step})
+            say(f"step {step}: checkpoint saved")
+            tic = time.time()
+
+    # End: evaluate the fp32 masters; the final checkpoint carries the exported world_model.pt.
+    summary, state = evaluate(engine, cfg, val, critic, device, with_ground_truth=True)
+    history["val"].append({"step": step, **summary})
+    say(f"step {step}: val loss {summary['val_loss']:.4f}, critic {summary['scores']} "
+        f"(ground truth {summary['ground_truth']})")
+
+    def export(path: Path) -> None:
+        final = WorldModel(cfg.model, cfg.world.segment_frames)
+        final.load_state_dict(state)
+        final.save(path)
+
+    files = {CHECKPOINT_NAME: export, HISTORY_NAME: lambda p: p.write_text(json.dumps(history))}
+    save_and_report({"step": step, "val_loss": summary["val_loss"], **summary["scores"]},
+                    files if rank == 0 else None)
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def eval_record(cfg, history: dict) -> dict:
+    first, last = history["val"][0], history["val"][-1]
+    train = history["train"]
+    return {
+        "steps": last["step"], "split": "val", "segments": last["scores"]["segments"],
+        "sample_steps": cfg.model.sample_steps, "guidance": cfg.model.guidance,
+        "scores": last["scores"], "ground_truth": last.get("ground_truth"), "by_verb": last["by_verb"],
+        "val_loss": {"start": first["val_loss"], "end": last["val_loss"]},
+        "train_loss": {"first": train[0]["loss"] if train else None, "last": train[-1]["loss"] if train else None},
+        "samples_per_s": round(float(np.median([r["samples_per_s"] for r in train])), 2) if train else None,
+        "history": history,
+    }
+
+
+def main(argv: list[str]) -> int:
+    cfg = load_config_or_exit(argv)
+    t = cfg.train
+    out = Path(cfg.run.output_dir).resolve()
+    run_dir = out / "ray" / RUN_NAME
+    if run_dir.exists() and not t.resume:
+        sys.exit(f"{run_dir} holds an earlier run; pass train.resume=true to continue it, "
+                 f"or pick another run.output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:  # no dashboard: on a 2-core box its agents take a core from training
+        ray.init(runtime_env={"env_vars": LOCAL_ENV})
+    else:
+        ray.init()
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    per_worker = {"CPU": max(1, cpus // t.num_workers)} if not t.use_gpu else None  # torch threads = CPUs
+    print(f"pre-training {cfg.model.preset} on {t.num_workers} worker(s) "
+          f"({'GPU' if t.use_gpu else 'CPU'}), {t.steps} steps x {t.batch_size}/rank -> {out}")
+    start = time.time()
+    trainer = TorchTrainer(
+        train_loop, train_loop_config={"cfg": config_to_dict(cfg)},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(name=RUN_NAME, storage_path=str(out / "ray"),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+    result = trainer.fit()
+
+    with result.checkpoint.as_directory() as d:  # the final checkpoint carries the exports
+        shutil.copy(Path(d) / CHECKPOINT_NAME, out / CHECKPOINT_NAME)
+        history = json.loads((Path(d) / HISTORY_NAME).read_text())
+    record = eval_record(cfg, history)
+    record["seconds"] = round(time.time() - start, 1)
+    (out / "eval.json").write_text(json.dumps(record, indent=1))
+    s, gt = record["scores"], record["ground_truth"]
+    print(f"done in {record['seconds']:.0f} s: val loss {record['val_loss']['start']:.4f} -> "
+          f"{record['val_loss']['end']:.4f}; critic on {s['segments']} val segments (ground truth): "
+          + ", ".join(f"{d} {s[d]:.3f} ({gt[d]:.3f})" for d in SCORE_DIMS)
+          + f"; accepted {s['accepted']:.2f}")
+    print(f"model: {out / CHECKPOINT_NAME}  eval: {out / 'eval.json'}  checkpoint: {result.checkpoint.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
