@@ -1,0 +1,172 @@
+"""GRPO for a flow-matching world model (Flow-GRPO, arXiv 2505.05470), the math in one place.
+
+For every prompt p (context frames + sub-action text) a group of G segments is sampled with the
+SDE sampler (flow.sde_sample), all members sharing one window of noisy denoising steps. The
+critic scores each segment on D dimensions; the reward and the group-relative advantage are
+
+    weighted_sum:       r_pg = sum_k w_k s_pgk,   A_pg = (r_pg - mean_g r_pg) / (std_g r_pg + eps)
+    per_dim_normalise:  A_pg = sum_k w_k (s_pgk - mean_g s_pgk) / (std_g s_pgk + eps)
+
+(the first asks "which samples score best overall", the second "which are best on each axis",
+so a dimension with a tiny spread is not drowned by one with a large spread). A group whose
+rewards are all equal carries no signal: its advantages are 0 and it is counted, not trained on.
+
+The loss over the recorded steps s of the window, with log-probs reduced over latent elements
+by `reduction` ("mean": per-element ratios, Flow-GRPO's clip range ~1e-4..1e-3; "sum": the
+log-ratio is numel times larger and needs a far smaller clip range):
+
+    rho_s = exp(log pi_theta(x_{s+1} | x_s) - log pi_old(x_{s+1} | x_s))
+    L = mean_{p,g,s} max(-A rho_s, -A clip(rho_s, 1 - eps_clip, 1 + eps_clip)) + beta KL_s(pi_theta || pi_ref)
+
+where the KL of two Gaussians with the same std is ||mu_theta - mu_ref||^2 / (2 std^2).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from spiral_rl.flow import Trajectory, kl_to_reference, reduce_logprob, step_log_prob
+
+
+class RatioDriftError(RuntimeError):
+    """The first importance ratio of an iteration is not 1: the stored rollout does not match the
+    policy that produced it (bf16 storage, a different batch layout, stale weights)."""
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    clip_range: float = 1e-3
+    kl_coef: float = 0.004
+    reduction: str = "mean"  # how log-probs are reduced over latent elements: "mean" | "sum"
+    adv_eps: float = 1e-4  # a group whose reward spread is below this is degenerate
+    adv_clip: float = 5.0
+    max_grad_norm: float = 1.0
+    ratio_tol: float = 1e-3  # |rho - 1| allowed at the first update of an iteration
+    aggregation: str = "weighted_sum"  # "weighted_sum" | "per_dim_normalise"
+
+    def __post_init__(self):
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction={self.reduction!r} must be 'mean' or 'sum'")
+        if self.aggregation not in ("weighted_sum", "per_dim_normalise"):
+            raise ValueError(f"aggregation={self.aggregation!r} must be 'weighted_sum' or 'per_dim_normalise'")
+
+
+def group_advantages(scores: np.ndarray, weights: np.ndarray, aggregation: str = "weighted_sum",
+                     eps: float = 1e-4, clip: float = 5.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scores: (P, G, D) critic scores; weights: (D,) -> rewards (P, G), advantages (P, G),
+    degenerate (P,) bool (groups whose reward spread is below eps: advantage 0)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    if scores.ndim != 3 or scores.shape[-1] != weights.shape[0]:
+        raise ValueError(f"scores must be (P, G, D={weights.shape[0]}), got {scores.shape}")
+    if scores.shape[1] < 2:
+        raise ValueError(f"a group needs at least 2 members to compare, got G={scores.shape[1]}")
+    rewards = scores @ weights  # (P, G)
+    degenerate = rewards.std(axis=1) < eps  # (P,)
+    if aggregation == "weighted_sum":
+        adv = (rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, keepdims=True) + eps)
+    elif aggregation == "per_dim_normalise":
+        z = (scores - scores.mean(1, keepdims=True)) / (scores.std(1, keepdims=True) + eps)  # (P, G, D)
+        adv = z @ weights
+    else:
+        raise ValueError(f"aggregation={aggregation!r} must be 'weighted_sum' or 'per_dim_normalise'")
+    adv[degenerate] = 0.0
+    return rewards, np.clip(adv, -clip, clip), degenerate
+
+
+def clipped_surrogate(logp_new: Tensor, logp_old: Tensor, adv: Tensor, clip_range: float) -> tuple[Tensor, dict]:
+    """PPO's clipped objective. logp_new, logp_old, adv: (B,) (already reduced) -> (loss, stats)."""
+    log_ratio = logp_new - logp_old
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {"ratio_mean": ratio.mean().item(),
+                 "ratio_max_dev": (ratio - 1).abs().max().item(),
+                 "clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+                 "approx_kl": ((ratio - 1) - log_ratio).mean().item()}  # k3 estimator, >= 0
+    return loss, stats
+
+
+@dataclass
+class GRPOBatch:
+    """One learner batch of B segments (whole groups) with their rollout record.
+
+    context: (B, 3, K, H, W) in [-1, 1]; texts: B prompts; trajectory: the rollouts' SDE record
+    (latents (S + 1, B, ...) and log_probs (S, B), fp32); advantages: (B,); steps: the recorded
+    step indices to train on (a subset of trajectory.sde_steps, shared by the whole batch).
+    """
+
+    context: Tensor
+    texts: Sequence[str]
+    trajectory: Trajectory
+    advantages: Tensor
+    steps: Sequence[int]
+    guidance: float = 1.0
+
+
+class GRPOLearner:
+    """Owns the policy's optimiser and a frozen reference copy; `update` is one GRPO step."""
+
+    def __init__(self, model: nn.Module, settings: GRPOSettings, lr: float = 1e-4,
+                 weight_decay: float = 0.0, reference: nn.Module | None = None):
+        self.model, self.settings = model, settings
+        self.reference = reference if reference is not None else copy.deepcopy(model)
+        self.reference.requires_grad_(False).eval()
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                           lr=lr, weight_decay=weight_decay)
+
+    def update(self, batch: GRPOBatch, check_ratio: bool = True) -> dict:
+        """Accumulates the loss of every step in batch.steps (one backward per step, so only one
+        step's activations are alive), clips the gradient and steps the optimiser.
+
+        check_ratio: assert rho == 1 on the first step; pass True for the first update of an
+        iteration (weights unchanged since the rollout), False for later ones."""
+        s, model = self.settings, self.model
+        traj, steps = batch.trajectory, list(batch.steps)
+        if not steps or any(i not in traj.sde_steps for i in steps):
+            raise ValueError(f"steps {steps} must be a non-empty subset of the SDE window {traj.sde_steps}")
+        if traj.latents.dtype != torch.float32 or traj.log_probs.dtype != torch.float32:
+            raise RatioDriftError(f"rollout stored as {traj.latents.dtype}/{traj.log_probs.dtype}: "
+                                  "latents and log-probs must be float32")
+        model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        texts, guided = list(batch.texts), batch.guidance != 1.0
+        with torch.no_grad():
+            ref_cond = self.reference.encode_text(texts)
+            ref_uncond = self.reference.encode_text([""] * len(texts)) if guided else None
+        adv = batch.advantages.to(traj.latents.device, torch.float32)
+        totals: dict[str, float] = {}
+        for n, i in enumerate(steps):
+            # The text is re-encoded per step: each step's graph is freed by its own backward.
+            cond = model.encode_text(texts)
+            uncond = model.encode_text([""] * len(texts)) if guided else None
+            logp, mean, std = step_log_prob(model.velocity, batch.context, cond, traj, [i],
+                                            batch.guidance, uncond, return_mean=True)
+            with torch.no_grad():
+                _, mean_ref, _ = step_log_prob(self.reference.velocity, batch.context, ref_cond, traj, [i],
+                                               batch.guidance, ref_uncond, return_mean=True)
+            logp_new = reduce_logprob(logp[0], traj.numel, s.reduction)  # (B,)
+            logp_old = reduce_logprob(traj.log_probs[i], traj.numel, s.reduction)
+            kl = reduce_logprob(kl_to_reference(mean, mean_ref, std)[0], traj.numel, s.reduction)  # (B,)
+            policy_loss, stats = clipped_surrogate(logp_new, logp_old, adv, s.clip_range)
+            if check_ratio and n == 0 and stats["ratio_max_dev"] > s.ratio_tol:
+                raise RatioDriftError(f"first importance ratio deviates from 1 by {stats['ratio_max_dev']:.2e} "
+                                      f"(> {s.ratio_tol:g}) before any update: the rollout's latents / "
+                                      "log-probs do not match the policy (check fp32 storage and batch layout)")
+            loss = (policy_loss + s.kl_coef * kl.mean()) / len(steps)
+            loss.backward()
+            stats.update(policy_loss=policy_loss.item(), kl=kl.mean().item(), loss=loss.item() * len(steps))
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v / len(steps)
+            if n == 0:
+                totals["first_ratio_max_dev"] = stats["ratio_max_dev"]
+        totals["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm))
+        self.optimizer.step()
+        return totals

@@ -1,0 +1,102 @@
+"""Closed loop: modes, retry with feedback, re-planning (CPU, scripted stand-in generator)."""
+import numpy as np
+import pytest
+
+from spiral_rl.agents.critic import CriticAgent
+from spiral_rl.agents.planner import PlanAgent
+from spiral_rl.loop import ClosedLoop, LoopSettings
+from spiral_rl.memory import WorldMemory
+from spiral_rl.world.scripted import ScriptedGenerator
+from spiral_rl.world.tasks import TaskSampler
+
+
+@pytest.fixture
+def parts(cfg):
+    sampler = TaskSampler(cfg.world)
+    return sampler, PlanAgent(sampler.physics), CriticAgent.from_config(cfg)
+
+
+def run(cfg, parts, settings, failure_rate, n=8, generator=None):
+    sampler, planner, critic = parts
+    gen = generator or ScriptedGenerator(planner.physics, cfg.world.frame_size, failure_rate)
+    loop = ClosedLoop(planner, critic, gen, settings)
+    tasks = [t for t in sampler.tasks("val", 30) if len(t.reference_plan) >= 2][:n]
+    return [loop.run(t, WorldMemory.from_task(t, cfg), seed=100 * i) for i, t in enumerate(tasks)], gen
+
+
+def test_a_perfect_generator_succeeds_first_time_in_every_mode(cfg, parts):
+    for mode in ("open_loop", "plan_only", "spiral"):
+        episodes, _ = run(cfg, parts, LoopSettings(mode), failure_rate=0.0)
+        assert all(e.success for e in episodes), mode
+        assert all(len(s.attempts) == 1 for e in episodes for s in e.steps)
+        frames = cfg.world.segment_frames
+        assert all(e.video.shape[0] == 1 + frames * len(e.steps) for e in episodes)
+
+
+def test_only_spiral_retries_and_retries_use_feedback_new_seeds_and_stronger_guidance(cfg, parts):
+    settings = LoopSettings("spiral", max_retries=3, retry_guidance_step=0.5, feedback_in_prompt=True)
+    episodes, gen = run(cfg, parts, settings, failure_rate=1.0, n=3)
+    step = episodes[0].steps[0]
+    assert len(step.attempts) == 4 and all(a.verdict.decision == "refine" for a in step.attempts)
+    assert len({a.seed for a in step.attempts}) == 4
+    assert [a.guidance for a in step.attempts] == [1.0, 1.5, 2.0, 2.5]
+    assert step.attempts[1].prompt.endswith(step.attempts[0].verdict.feedback)
+    assert step.committed == int(np.argmax([a.verdict.reward for a in step.attempts]))
+    assert not any(e.success for e in episodes)
+    for mode in ("open_loop", "plan_only"):
+        eps, _ = run(cfg, parts, LoopSettings(mode, max_retries=3), failure_rate=1.0, n=3)
+        assert all(len(s.attempts) == 1 for e in eps for s in e.steps)
+    eps, _ = run(cfg, parts, LoopSettings("open_loop"), failure_rate=0.0, n=2)
+    assert all(a.prompt == e.instruction for e in eps for s in e.steps for a in s.attempts)
+
+
+def test_spiral_recovers_from_flaws_that_plan_only_commits(cfg, parts):
+    spiral, _ = run(cfg, parts, LoopSettings("spiral", max_retries=4), failure_rate=0.5, n=10)
+    plan_only, _ = run(cfg, parts, LoopSettings("plan_only"), failure_rate=0.5, n=10)
+    assert sum(e.success for e in spiral) >= 2 * max(1, sum(e.success for e in plan_only))
+
+
+class DisplaceBystander:
+    """Wraps the perfect stand-in; on its first call also drags a bystander that the next step needs."""
+
+    def __init__(self, inner, victim):
+        self.inner, self.victim, self.calls = inner, victim, 0
+
+    def __call__(self, memory, sub, prompt, seed, guidance):
+        self.calls += 1
+        if self.calls > 1:
+            return self.inner(memory, sub, prompt, seed, guidance)
+        from spiral_rl.world.dataset import render_track
+        from spiral_rl.world.actions import Step, make_sub_action
+        scene = memory.objects
+        _, _, track = make_sub_action(scene, Step(sub.verb, sub.subject, sub.objects, sub.args), self.inner.physics)
+        k = [o.name for o in scene].index(self.victim)
+        drift = np.linspace(0, 1, track.shape[0])[:, None] * np.array([0.0, 0.12 if scene[k].y < 0.5 else -0.12])
+        track = track.copy()
+        track[:, k] += drift
+        return render_track(scene, track, self.inner.frame_size)
+
+
+def test_drift_against_the_next_steps_preconditions_triggers_a_replan(cfg, parts):
+    sampler, planner, critic = parts
+    candidates = [t for t in sampler.tasks("val", 300)
+                  if len(t.reference_plan) >= 2 and t.reference_plan[1].verb == "jump"
+                  and t.reference_plan[1].subject not in t.reference_plan[0].involved][:6]
+    replanned = []
+    for task in candidates:
+        inner = ScriptedGenerator(planner.physics, cfg.world.frame_size, 0.0)
+        gen = DisplaceBystander(inner, task.reference_plan[1].subject)
+        ep = ClosedLoop(planner, critic, gen, LoopSettings("spiral", max_retries=0)).run(
+            task, WorldMemory.from_task(task, cfg))
+        first = ep.steps[0].attempts[0].verdict
+        assert "bystander_moved" in first.failures and first.decision == "refine"
+        assert ep.replans == 1  # retries exhausted on a drifted world: the rest is re-planned
+        if ep.aborted:  # the drifted object has no room left to jump: a clear PlanError, recorded
+            assert ep.aborted.startswith("re-plan failed: step 1 ('make the")
+            continue
+        # the re-planned step's pre-condition names where the object is now, not where it started
+        moved, original = ep.steps[1].sub_action.pre[-1].args[1:3], task.reference_plan[1].pre[-1].args[1:3]
+        assert abs(moved[1] - original[1]) > 0.05
+        assert ep.steps[1].verdict.decision != "refine"
+        replanned.append(task.task_id)
+    assert len(candidates) == 6 and len(replanned) >= 2
