@@ -50,6 +50,8 @@ class StepRecord:
     sub_action: SubAction
     attempts: list[Attempt]
     committed: int  # index of the attempt that went into memory (the best one)
+    context: np.ndarray | None = None  # (K, H, W, 3) uint8: memory's frames before the step
+    objects: tuple = ()  # memory's object states before the step (the critic's reference)
 
     @property
     def verdict(self) -> Verdict:
@@ -144,12 +146,13 @@ class ClosedLoop:
               retries: bool) -> tuple[StepRecord, np.ndarray]:
         """Inner loop for one sub-action; commits the best attempt to memory and returns it."""
         s = self.settings
+        context, objects = memory.context(), memory.objects  # before the step: a GRPO prompt
         attempts, segments, verdict = [], [], None
         for a in range((s.max_retries if retries else 0) + 1):
             prompt = refine_prompt(sub, verdict, s)
             guidance = s.guidance + a * s.retry_guidance_step
             frames = self.generator(memory, sub, prompt, seed + a, guidance)
-            segment = Segment(frames, sub, memory.context(), seed=seed + a, attempt=a)
+            segment = Segment(frames, sub, context, seed=seed + a, attempt=a)
             verdict = self.critic.score(segment, sub, memory, nxt if retries else None)
             attempts.append(Attempt(prompt, seed + a, guidance, verdict))
             segments.append(segment)
@@ -157,7 +160,7 @@ class ClosedLoop:
                 break
         best = max(range(len(attempts)), key=lambda i: attempts[i].verdict.reward)
         memory.commit(segments[best], attempts[best].verdict, attempts=len(attempts))
-        return StepRecord(sub, attempts, best), segments[best].frames
+        return StepRecord(sub, attempts, best, context, objects), segments[best].frames
 
     def _open_loop(self, task: Task, memory: WorldMemory, seed: int) -> Episode:
         """One generation per reference step from the whole instruction; the critic only measures."""
@@ -165,12 +168,13 @@ class ClosedLoop:
         episode = Episode(task.task_id, "open_loop", task.instruction, [], task.first_frame[None], planned=len(plan))
         video = [task.first_frame]
         for k, sub in enumerate(plan):
+            context, objects = memory.context(), memory.objects
             frames = self.generator(memory, sub, task.instruction, seed + 1000 * k, self.settings.guidance)
-            segment = Segment(frames, sub, memory.context(), seed=seed + 1000 * k)
+            segment = Segment(frames, sub, context, seed=seed + 1000 * k)
             verdict = self.critic.score(segment, sub, memory)
             memory.commit(segment, verdict)
             episode.steps.append(StepRecord(sub, [Attempt(task.instruction, seed + 1000 * k,
-                                                          self.settings.guidance, verdict)], 0))
+                                                          self.settings.guidance, verdict)], 0, context, objects))
             video.extend(frames)
         episode.video = np.stack(video)
         return episode

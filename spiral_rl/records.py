@@ -92,6 +92,21 @@ class Task:
 
 
 @dataclass
+class Prompt:
+    """A GRPO prompt, taken from a closed-loop episode where the loop needed a segment.
+
+    context: (K, H, W, 3) uint8 frames from memory; objects: memory's last known states (the
+    critic's reference); next_action: the following step, whose pre-conditions the critic checks.
+    """
+
+    context: np.ndarray
+    sub_action: SubAction
+    objects: tuple[ObjectState, ...]
+    next_action: SubAction | None = None
+    task_id: str = ""
+
+
+@dataclass
 class Segment:
     """Frames generated for one sub-action. frames: (T, H, W, 3) uint8, following `context`."""
 

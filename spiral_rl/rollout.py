@@ -1,0 +1,138 @@
+"""Rollouts for GRPO: prompts from closed-loop episodes -> groups of SDE samples -> scored records.
+
+For P prompts the world model samples G segments each in ONE batched SDE call (P * G samples),
+all sharing one window of noisy denoising steps (Flow-GRPO / MixGRPO: the importance ratio is
+only defined on those steps, and group members must be comparable). The critic scores every
+segment; grpo.group_advantages turns the scores into advantages; each sample becomes a
+replay.ScoredSegment (fp32 latents and log-probs, numpy only). `to_batch` stacks stored records
+back into the learner's GRPOBatch.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from spiral_rl.flow import Trajectory, sde_sample
+from spiral_rl.grpo import GRPOBatch, group_advantages
+from spiral_rl.loop import Episode
+from spiral_rl.models.dit import frames_to_tensor, tensor_to_frames
+from spiral_rl.records import SCORE_DIMS, Prompt
+from spiral_rl.replay import ScoredSegment
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    group_size: int = 4
+    sample_steps: int = 10
+    noise_level: float = 0.7
+    window: int = 0  # noisy steps per rollout (0: all); its start is drawn per call
+    train_steps: int = 0  # steps of the window the learner trains on (0: all of the window)
+    guidance: float = 1.0
+
+
+class _Objects:
+    """What the critic reads from a memory: the last known object states."""
+
+    def __init__(self, objects):
+        self.objects = objects
+
+
+def prompts_from_episodes(episodes: Sequence[Episode]) -> list[Prompt]:
+    """One prompt per executed step: where the loop needed a segment, from what memory held then."""
+    prompts = []
+    for ep in episodes:
+        for k, step in enumerate(ep.steps):
+            nxt = ep.steps[k + 1].sub_action if k + 1 < len(ep.steps) else None
+            prompts.append(Prompt(step.context, step.sub_action, tuple(step.objects), nxt, ep.task_id))
+    return prompts
+
+
+def draw_window(settings: GroupSettings, rng: np.random.Generator) -> tuple[int, int]:
+    if settings.window <= 0 or settings.window >= settings.sample_steps:
+        return 0, settings.sample_steps
+    start = int(rng.integers(0, settings.sample_steps - settings.window + 1))
+    return start, start + settings.window
+
+
+@torch.no_grad()
+def sample_groups(model, critic, prompts: Sequence[Prompt], settings: GroupSettings, weights: dict,
+                  aggregation: str, policy_version: int, rng: np.random.Generator
+                  ) -> tuple[list[list[ScoredSegment]], dict]:
+    """G SDE samples per prompt, scored; -> (groups of ScoredSegment, stats)."""
+    g, t0 = settings.group_size, time.perf_counter()
+    contexts = np.stack([p.context for p in prompts]).repeat(g, axis=0)  # (P * G, K, H, W, 3)
+    texts = [p.sub_action.text for p in prompts for _ in range(g)]
+    seeds = rng.integers(0, 2**31 - 1, size=len(texts)).tolist()
+    window = draw_window(settings, rng)
+    inp = model.prepare(contexts, texts, seed=seeds, guidance=settings.guidance)
+    traj = sde_sample(model.velocity, inp.context, inp.cond, inp.noise, settings.sample_steps,
+                      settings.noise_level, model.cfg.shift, settings.guidance, inp.uncond,
+                      torch.Generator(device=inp.noise.device).manual_seed(int(seeds[0])), window)
+    frames = tensor_to_frames(traj.sample)  # (P * G, T, H, W, 3)
+    t_sample = time.perf_counter() - t0
+    verdicts = critic.score_batch(list(frames), [p.sub_action for p in prompts for _ in range(g)],
+                                  [_Objects(p.objects) for p in prompts for _ in range(g)],
+                                  [p.next_action for p in prompts for _ in range(g)])
+    scores = np.array([[v.scores[d] for d in SCORE_DIMS] for v in verdicts]).reshape(len(prompts), g, -1)
+    rewards, adv, degenerate = group_advantages(scores, np.array([weights[d] for d in SCORE_DIMS]), aggregation)
+    latents = traj.latents.cpu().numpy()  # (S + 1, P * G, C, T, H, W) fp32
+    log_probs = traj.log_probs.cpu().numpy()
+    timesteps = traj.timesteps.cpu().numpy()
+    groups, created = [], time.time()
+    for p, prompt in enumerate(prompts):
+        gid = f"v{policy_version}-{prompt.task_id}-{p}-{seeds[p * g]}"
+        group = []
+        for j in range(g):
+            b = p * g + j
+            group.append(ScoredSegment(
+                gid, texts[b], prompt.context, frames[b], np.ascontiguousarray(latents[:, b]),
+                np.ascontiguousarray(log_probs[:, b]), timesteps, window, float(rewards[p, j]),
+                dict(verdicts[b].scores), policy_version, float(adv[p, j]), created,
+                {"noise_level": settings.noise_level, "guidance": settings.guidance,
+                 "decision": verdicts[b].decision}))
+        groups.append(group)
+    stats = {"prompts": len(prompts), "segments": len(texts), "degenerate_groups": int(degenerate.sum()),
+             "reward_mean": float(rewards.mean()), "sample_s": t_sample,
+             "critic_s": time.perf_counter() - t0 - t_sample,
+             **{f"score/{d}": float(scores[..., k].mean()) for k, d in enumerate(SCORE_DIMS)}}
+    return groups, stats
+
+
+def to_batch(records: Sequence[ScoredSegment], device: torch.device | str = "cpu",
+             train_steps: int = 0, rng: np.random.Generator | None = None) -> GRPOBatch:
+    """Stack stored records (sharing one SDE window) into the learner's batch.
+
+    train_steps > 0 trains on that many steps of the window, drawn once for the whole batch."""
+    windows = {tuple(r.sde_window) for r in records}
+    if len(windows) != 1:
+        raise ValueError(f"records of one batch must share one SDE window, got {sorted(windows)}")
+    window = windows.pop()
+    levels = {r.meta["noise_level"] for r in records}
+    guidance = {r.meta["guidance"] for r in records}
+    if len(levels) != 1 or len(guidance) != 1:
+        raise ValueError("records of one batch must share noise_level and guidance")
+    latents = torch.from_numpy(np.stack([r.latents for r in records], axis=1)).to(device)  # (S + 1, B, ...)
+    log_probs = torch.from_numpy(np.stack([r.log_probs for r in records], axis=1)).to(device)  # (S, B)
+    traj = Trajectory(latents, log_probs, int(np.prod(latents.shape[2:])),
+                      torch.from_numpy(records[0].timesteps).to(device), levels.pop(), window, latents[-1])
+    steps = list(range(*window))
+    if train_steps and train_steps < len(steps):
+        steps = sorted((rng or np.random.default_rng()).choice(steps, size=train_steps, replace=False).tolist())
+    context = frames_to_tensor(torch.from_numpy(np.stack([r.context for r in records]))).to(device)
+    adv = torch.tensor([r.advantage for r in records], dtype=torch.float32, device=device)
+    return GRPOBatch(context, [r.prompt for r in records], traj, adv, steps, guidance.pop())
+
+
+class ModelGenerator:
+    """loop.Generator backed by a WorldModel: deterministic ODE sampling from memory's frames."""
+
+    def __init__(self, model, num_steps: int | None = None):
+        self.model, self.num_steps = model, num_steps
+
+    def __call__(self, memory, sub, prompt: str, seed: int, guidance: float) -> np.ndarray:
+        return self.model.generate(memory.context()[None], [prompt], seed=[seed],
+                                   num_steps=self.num_steps, guidance=guidance)[0]
