@@ -171,7 +171,7 @@ def evaluate(engine, cfg, val, critic, device, with_ground_truth: bool) -> tuple
     returns (summary, full state dict). Collective: every rank must call it."""
     import torch.distributed as dist
     state = full_state_dict(engine)
-    model = WorldModel(cfg.model, cfg.world.segment_frames).to(device)
+    model = WorldModel(cfg.model, cfg.world.segment_frames, cfg.world.context_frames).to(device)
     model.load_state_dict(state)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = val[rank::world]
@@ -288,7 +288,7 @@ def train_loop(loop_config: dict) -> None:
         f"(ground truth {summary['ground_truth']})")
 
     def export(path: Path) -> None:
-        final = WorldModel(cfg.model, cfg.world.segment_frames)
+        final = WorldModel(cfg.model, cfg.world.segment_frames, cfg.world.context_frames)
         final.load_state_dict(state)
         final.save(path)
 

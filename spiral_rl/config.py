@@ -89,6 +89,10 @@ class ModelConfig:
     preset: str = param("tiny", choices=("tiny", "small", "wan2.2-5b"))
     patch_size: int = param(4, range="[1, inf)")  # world.frame_size must be a multiple
     max_text_len: int = param(64, range="[2, inf)")  # text tokens incl. <bos>; a clause is <= 9
+    # Also give every frame the last context frame as extra input channels (Wan2.1 I2V's channel
+    # concatenation): copying what does not move becomes a local operation, learnt in hundreds of
+    # steps instead of thousands through attention to the context frames alone.
+    concat_context: bool = True
     # Recompute each DiT block's activations in backward: less memory, ~30% more compute.
     gradient_checkpointing: bool = False
     # Attention kernel: 'auto' picks flash-attn when installed and usable, else torch SDPA.
@@ -179,6 +183,31 @@ class TrainConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """GRPO post-training (launch/grpo.py). Defaults after Flow-GRPO's Wan preset, scaled to the CPU world."""
+    iterations: int = param(40, range="[1, inf)")
+    episodes_per_iter: int = param(4, range="[1, inf)")  # closed-loop train episodes that supply prompts
+    prompts_per_iter: int = param(8, range="[1, inf)")  # (context, sub-action) prompts sampled from them
+    group_size: int = param(4, range="[2, inf)")  # SDE samples per prompt (G)
+    sample_steps: int = param(10, range="[1, inf)")  # SDE denoising steps per sample
+    noise_level: float = param(0.7, range="(0, inf)")  # Flow-GRPO's 'a' in sigma_t = a sqrt(t / (1 - t))
+    # Noisy steps per rollout (0 = all): a shared window, as MixGRPO, so members stay comparable.
+    window: int = param(0, range="[0, inf)")
+    train_steps: int = param(0, range="[0, inf)")  # steps of the window trained on per update (0 = all)
+    updates_per_iter: int = param(1, range="[1, inf)")  # learner steps on each iteration's groups
+    lr: float = param(1e-4, range="(0, inf)")
+    clip_range: float = param(1e-3, range="(0, 1)")  # on per-element ratios when reduction='mean'
+    kl_coef: float = param(0.004, range="[0, inf)")  # beta of the KL to the frozen reference
+    # Log-prob reduction over latent elements; the clip range must match it (see grpo.py).
+    reduction: str = param("mean", choices=("mean", "sum"))
+    adv_clip: float = param(5.0, range="(0, inf)")
+    max_grad_norm: float = param(1.0, range="(0, inf)")
+    eval_every: int = param(10, range="[0, inf)")  # iterations; 0 = only before and after
+    eval_tasks: int = param(24, range="[1, inf)")  # run.split tasks for the mode comparison
+    replay_capacity: int = param(20000, range="[1, inf)")  # scored segments kept on disk
+
+
+@dataclass
 class Config:
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -188,6 +217,7 @@ class Config:
     loop: LoopConfig = field(default_factory=LoopConfig)
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
 # --------------------------------------------------------------------------- validation

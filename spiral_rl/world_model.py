@@ -12,7 +12,7 @@ the flow.py VelocityFn, so the ODE sampler, the SDE sampler and the GRPO log-pro
 same network the same way; `prepare` builds their shared inputs (context, text, noise).
 
 A checkpoint is one torch.save'd dict, loaded with weights_only=True (no pickled code):
-{"format", "model": ModelConfig fields, "num_frames", "state_dict"}.
+{"format", "model": ModelConfig fields, "num_frames", "context_frames", "state_dict"}.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from spiral_rl.models.presets import TEXT_PRESETS
 CHECKPOINT_FORMAT = "spiral_rl.world_model/1"
 CHECKPOINT_NAME = "world_model.pt"  # what launch/sft.py writes into run.output_dir
 # Fields that fix the architecture: a checkpoint only loads into a model that agrees on them.
-ARCH_FIELDS = ("preset", "patch_size", "max_text_len")
+ARCH_FIELDS = ("preset", "patch_size", "max_text_len", "concat_context")
 HOW_TO_MAKE = ("make one with `python launch/sft.py configs/sft_ci.yaml run.output_dir=DIR` "
                f"(it writes DIR/{CHECKPOINT_NAME})")
 
@@ -72,21 +72,23 @@ def _seeded_noise(shape: tuple[int, ...], seed: int | Sequence[int] | None,
 class WorldModel(nn.Module):
     """DiT (velocity of the target frames) + learned text encoder, for the pixel presets."""
 
-    def __init__(self, cfg: ModelConfig, num_frames: int):
-        """cfg: the run's `model` section; num_frames: frames T generated per segment."""
+    def __init__(self, cfg: ModelConfig, num_frames: int, context_frames: int = 2):
+        """cfg: the run's `model` section; num_frames: frames T generated per segment;
+        context_frames: frames K of memory it is conditioned on (world.context_frames)."""
         super().__init__()
         if TEXT_PRESETS.get(cfg.preset) is None:
             raise NotImplementedError(f"model.preset={cfg.preset!r} takes external text embeddings and "
                                       "VAE latents; WorldModel wraps the pixel presets (tiny, small) so far")
-        self.cfg, self.num_frames = cfg, int(num_frames)
+        self.cfg, self.num_frames, self.context_frames = cfg, int(num_frames), int(context_frames)
         self.dit = build_model(cfg.preset, patch_size=cfg.patch_size, attn_backend=cfg.attn_backend,
-                               gradient_checkpointing=cfg.gradient_checkpointing)
+                               gradient_checkpointing=cfg.gradient_checkpointing,
+                               in_channels=6 if cfg.concat_context else 3)  # RGB (+ reference RGB)
         self.text = build_text_encoder(cfg.preset, max_len=cfg.max_text_len)
 
     @classmethod
     def from_config(cls, cfg) -> "WorldModel":
         """A model for the run config `cfg`: random init, or the weights at model.pretrained_path."""
-        model = cls(cfg.model, cfg.world.segment_frames)
+        model = cls(cfg.model, cfg.world.segment_frames, cfg.world.context_frames)
         if cfg.model.pretrained_path:
             model.load_weights(cfg.model.pretrained_path)
         return model
@@ -98,12 +100,20 @@ class WorldModel(nn.Module):
     # ------------------------------------------------------------------ network calls
 
     def encode_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """B prompts -> (emb (B, L, text_dim), mask (B, L) bool)."""
+        """B prompts -> the velocity's cond: (emb (B, L, text_dim), mask (B, L) bool)."""
         return self.text(list(texts))
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """flow.py's VelocityFn. x: (B, 3, K + T, H, W); t: (B, K + T); cond: (emb, mask) -> like x."""
+        """flow.py's VelocityFn. x: (B, 3, K + T, H, W), the K clean context frames first (flow.py
+        always prepends them); t: (B, K + T); cond: (emb, mask). -> velocity (B, 3, K + T, H, W).
+        With model.concat_context the last context frame joins every frame's channels."""
         emb, mask = cond
+        k = self.context_frames
+        if self.cfg.concat_context:
+            if x.shape[2] <= k:
+                raise ValueError(f"x has {x.shape[2]} frames; expected {k} context frames and at least one more")
+            ref = x[:, :, k - 1:k].expand(-1, -1, x.shape[2], -1, -1)  # (B, 3, F, H, W)
+            x = torch.cat([x, ref], dim=1)  # (B, 6, F, H, W)
         return self.dit(x, t, emb, mask)
 
     def _video(self, frames: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
@@ -111,6 +121,9 @@ class WorldModel(nn.Module):
         frames = torch.as_tensor(frames)
         if frames.ndim != 5 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
             raise ValueError(f"{name} must be (B, T, H, W, 3) uint8, got {tuple(frames.shape)} {frames.dtype}")
+        if name == "context" and frames.shape[1] != self.context_frames:
+            raise ValueError(f"context has {frames.shape[1]} frames; this model takes {self.context_frames} "
+                             "(world.context_frames when it was built)")
         return frames_to_tensor(frames.to(self.device))
 
     def loss(self, context: np.ndarray | torch.Tensor, frames: np.ndarray | torch.Tensor,
@@ -169,8 +182,8 @@ class WorldModel(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu() for k, v in self.state_dict().items()}
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"format": CHECKPOINT_FORMAT, "model": asdict(self.cfg),
-                    "num_frames": self.num_frames, "state_dict": state}, tmp)
+        torch.save({"format": CHECKPOINT_FORMAT, "model": asdict(self.cfg), "num_frames": self.num_frames,
+                    "context_frames": self.context_frames, "state_dict": state}, tmp)
         os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
         return path
 
@@ -183,7 +196,7 @@ class WorldModel(nn.Module):
         if bad:
             raise ValueError(f"cannot override architecture fields {sorted(bad)} when loading a checkpoint")
         cfg = ModelConfig(**(ckpt["model"] | model_overrides | {"pretrained_path": str(path)}))
-        model = cls(cfg, ckpt["num_frames"])
+        model = cls(cfg, ckpt["num_frames"], ckpt["context_frames"])
         model._load_state(ckpt, path)
         return model.to(device)
 

@@ -116,3 +116,27 @@ def test_checkpoint_must_fit_the_configured_model(cfg, tmp_path):
     other = load_config(["model.max_text_len=32", f"model.pretrained_path={path}"])
     with pytest.raises(CheckpointError, match=r"model.max_text_len: checkpoint 64 vs config 32"):
         WorldModel.from_config(other)
+
+
+def test_reference_frame_channels_and_context_length(cfg, batch):
+    context, frames, texts = batch
+    with_ref = WorldModel.from_config(cfg)
+    assert with_ref.dit.cfg.in_channels == 6  # RGB + the last context frame's RGB (model.concat_context)
+    plain = WorldModel.from_config(load_config(["world.segment_frames=4", "model.concat_context=false"]))
+    assert plain.dit.cfg.in_channels == 3
+    for model in (with_ref, plain):
+        loss, _ = model.loss(context, frames, texts)
+        assert torch.isfinite(loss)
+    # the reference is the last clean context frame: changing an earlier context frame or a target
+    # frame's noise leaves the reference input alone, changing the last context frame does not
+    x = torch.zeros(1, 3, 6, 32, 32)
+    cond = with_ref.encode_text(texts[:1])
+    seen = []
+    with_ref.dit.register_forward_pre_hook(lambda mod, args: seen.append(args[0][:, 3:].clone()))
+    with torch.no_grad():
+        with_ref.velocity(x, torch.zeros(1, 6), cond)
+        x[:, :, 1] = 1.0  # last context frame (K = 2)
+        with_ref.velocity(x, torch.zeros(1, 6), cond)
+    assert seen[0].abs().max() == 0 and (seen[1] == 1.0).all()
+    with pytest.raises(ValueError, match="context has 1 frames; this model takes 2"):
+        with_ref.loss(context[:, 1:], frames, texts)
