@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +51,13 @@ from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
 from spiral_rl.agents.critic import CriticAgent  # noqa: E402
 from spiral_rl.config import config_to_dict, load_config_or_exit, save_config, validate  # noqa: E402
-from spiral_rl.memory import WorldMemory  # noqa: E402
 from spiral_rl.records import SCORE_DIMS  # noqa: E402
+from spiral_rl.evaluate import VAL_SEED, collate, score_examples, summarise_rows  # noqa: E402
 from spiral_rl.world.dataset import SegmentDataset  # noqa: E402
 from spiral_rl.world_model import CHECKPOINT_NAME, WorldModel  # noqa: E402
 
 RUN_NAME = "sft"
 HISTORY_NAME = "history.json"  # in the final checkpoint: loss curve and every evaluation
-VAL_SEED = 12345  # noise of the validation loss and of the evaluation samples: fixed, comparable
 
 
 # --------------------------------------------------------------------------- data
@@ -70,12 +68,6 @@ def batch_indices(step: int, n: int, global_batch: int, seed: int) -> np.ndarray
     pos = np.arange(step * global_batch, (step + 1) * global_batch)
     order = {e: np.random.default_rng([seed, e]).permutation(n) for e in np.unique(pos // n)}
     return np.array([order[p // n][p % n] for p in pos])
-
-
-def collate(examples) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """-> context (B, K, H, W, 3) uint8, frames (B, T, H, W, 3) uint8, sub-action texts."""
-    return (np.stack([e.context for e in examples]), np.stack([e.frames for e in examples]),
-            [e.sub_action.text for e in examples])
 
 
 # --------------------------------------------------------------------------- DeepSpeed
@@ -138,34 +130,6 @@ def validation_loss(model: WorldModel, examples, batch_size: int, t_sampling: st
     return total / max(1, len(examples))
 
 
-def score_examples(model: WorldModel | None, examples, critic: CriticAgent, batch_size: int,
-                   context_frames: int) -> list[dict]:
-    """ODE-sample each example's segment (model None: take the ground truth) and score it.
-    Seeds are per example, so results do not depend on how examples are split over ranks."""
-    rows = []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        context, truth, texts = collate(chunk)
-        frames = truth if model is None else model.generate(context, texts, seed=[VAL_SEED + hash_id(e) for e in chunk])
-        memories = [WorldMemory(e.context, e.scene, context_frames) for e in chunk]
-        for e, v in zip(chunk, critic.score_batch(list(frames), [e.sub_action for e in chunk], memories)):
-            rows.append({"verb": e.sub_action.verb, "decision": v.decision, **v.scores})
-    return rows
-
-
-def hash_id(example) -> int:
-    """A stable int per example (its task id and step text), for per-example seeds."""
-    return zlib.crc32(f"{example.task_id}/{example.sub_action.text}".encode())
-
-
-def summarise(rows: list[dict]) -> dict:
-    mean = lambda rs, d: round(float(np.mean([r[d] for r in rs])), 4) if rs else None  # noqa: E731
-    out = {d: mean(rows, d) for d in SCORE_DIMS}
-    out["accepted"] = round(float(np.mean([r["decision"] == "accept" for r in rows])), 4) if rows else None
-    out["segments"] = len(rows)
-    return out
-
-
 def evaluate(engine, cfg, val, critic, device, with_ground_truth: bool) -> tuple[dict, dict]:
     """Every rank scores its share of the val examples with an fp32 copy of the master weights;
     returns (summary, full state dict). Collective: every rank must call it."""
@@ -184,10 +148,10 @@ def evaluate(engine, cfg, val, critic, device, with_ground_truth: bool) -> tuple
     dist.all_gather_object(parts, local)
     rows = [r for p in parts for r in p["rows"]]
     summary = {"val_loss": round(sum(p["loss_sum"] for p in parts) / sum(p["n"] for p in parts), 5),
-               "scores": summarise(rows),
-               "by_verb": {v: summarise([r for r in rows if r["verb"] == v]) for v in sorted({r["verb"] for r in rows})}}
+               "scores": summarise_rows(rows),
+               "by_verb": {v: summarise_rows([r for r in rows if r["verb"] == v]) for v in sorted({r["verb"] for r in rows})}}
     if with_ground_truth:
-        summary["ground_truth"] = summarise([r for p in parts for r in p["truth"]])
+        summary["ground_truth"] = summarise_rows([r for p in parts for r in p["truth"]])
     return summary, state
 
 

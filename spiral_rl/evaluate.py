@@ -1,4 +1,10 @@
-"""The ActWM-Bench-like evaluation: held-out tasks, every loop mode, one table.
+"""Evaluation: segments scored by the critic, and the ActWM-Bench-like table of loop modes.
+
+Segment level (pre-training): ODE-sample each val example's segment from its ground-truth
+context and score it (`score_examples`); seeds are per example, so results do not depend on
+batching or on how examples are split over ranks.
+
+Episode level (the benchmark): held-out tasks, every loop mode, one table.
 
 Per mode: task success (every step's committed segment passed the critic), mean critic score
 per dimension of committed segments, and attempts per sub-action. "One-shot" numbers come from
@@ -7,6 +13,7 @@ attempts per sub-action is what it should lower.
 """
 from __future__ import annotations
 
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -14,6 +21,41 @@ import numpy as np
 from spiral_rl.loop import ClosedLoop, Episode, LoopSettings
 from spiral_rl.memory import WorldMemory
 from spiral_rl.records import SCORE_DIMS, Task
+
+VAL_SEED = 12345  # noise of validation losses and evaluation samples: fixed, so runs compare
+
+
+def collate(examples) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """SegmentExamples -> context (B, K, H, W, 3) uint8, frames (B, T, H, W, 3) uint8, texts."""
+    return (np.stack([e.context for e in examples]), np.stack([e.frames for e in examples]),
+            [e.sub_action.text for e in examples])
+
+
+def hash_id(example) -> int:
+    """A stable int per example (its task id and step text), for per-example seeds."""
+    return zlib.crc32(f"{example.task_id}/{example.sub_action.text}".encode())
+
+
+def score_examples(model, examples, critic, batch_size: int, context_frames: int) -> list[dict]:
+    """ODE-sample each example's segment (model None: take the ground truth) and score it."""
+    rows = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        context, truth, texts = collate(chunk)
+        frames = truth if model is None else model.generate(context, texts, seed=[VAL_SEED + hash_id(e) for e in chunk])
+        memories = [WorldMemory(e.context, e.scene, context_frames) for e in chunk]
+        for e, v in zip(chunk, critic.score_batch(list(frames), [e.sub_action for e in chunk], memories)):
+            rows.append({"verb": e.sub_action.verb, "decision": v.decision, **v.scores})
+    return rows
+
+
+def summarise_rows(rows: list[dict]) -> dict:
+    """Mean score per dimension, acceptance rate and count of score_examples rows."""
+    mean = lambda rs, d: round(float(np.mean([r[d] for r in rs])), 4) if rs else None  # noqa: E731
+    out = {d: mean(rows, d) for d in SCORE_DIMS}
+    out["accepted"] = round(float(np.mean([r["decision"] == "accept" for r in rows])), 4) if rows else None
+    out["segments"] = len(rows)
+    return out
 
 
 def summarise(episodes: Sequence[Episode]) -> dict:

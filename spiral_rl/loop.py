@@ -18,7 +18,7 @@ the critic against the reference sub-action, so the modes are measured by the sa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
