@@ -1,25 +1,41 @@
 """GRPO post-training of the world model with the closed loop's critic as reward.
 
-    python launch/grpo.py                                          # the embedded default (CPU)
-    python launch/grpo.py configs/grpo_ci.yaml run.output_dir=runs/grpo_ci     # CI-sized smoke run
-    python launch/grpo.py reward.weights.visual_quality=0 run.output_dir=runs/ablate_quality
+    python launch/grpo.py configs/grpo_ci.yaml model.pretrained_path=runs/sft_ci run.output_dir=runs/grpo_ci
+        # CI size, one process (cluster.mode=local), ~1 min on 2 cores
+    python launch/grpo.py configs/grpo_ray_ci.yaml model.pretrained_path=runs/sft_ci run.output_dir=runs/grpo_ray_ci
+        # CI size on a local Ray: 1 rollout worker, 2 critic servers, 2 DeepSpeed learner ranks (gloo)
+    python launch/grpo.py model.pretrained_path=runs/sft run.output_dir=runs/grpo
+        # the embedded default: local Ray, CPU, 2 ZeRO-2 learner ranks
+    python launch/grpo.py model.pretrained_path=runs/sft run.output_dir=runs/grpo grpo.resume=true
+        # continue from the latest checkpoint in run.output_dir
+    ray job submit --working-dir . -- python3 launch/grpo.py model.pretrained_path=/shared/sft \\
+        run.output_dir=/shared/runs/grpo cluster.learner_gpus=1 cluster.rollout_gpus=1 cluster.rollout_workers=4
+        # a cluster: run.output_dir and model.pretrained_path on storage every node sees
 
 Single controller: this driver owns the iteration and times each stage,
 
     rollout   closed-loop episodes on train tasks with the current model -> prompts (where the loop
-              needed a segment, with what memory held then)
-    sample    G SDE samples per prompt, one shared window of noisy steps (rollout.sample_groups)
-    critic    scores -> rewards -> group advantages (grpo.group_advantages)
-    replay    every group appended durably (replay.ReplayStore)
+              needed a segment, with what memory held then); exactly grpo.prompts_per_iter of them
+    sample    G SDE samples per prompt, one shared window of noisy steps drawn here
+    critic    scores (CriticServers, load-balanced, retried) -> rewards -> group advantages
+    replay    every group appended durably (the replay store)
     learner   grpo.updates_per_iter GRPO steps on the iteration's groups; the first asserts rho == 1
+    sync      learner weights -> rollout workers, verified on arrival (cluster.mode=ray)
     eval      every grpo.eval_every iterations: open-loop / plan-only / SPIRAL on val tasks
 
-Writes into run.output_dir: config.yaml, metrics.jsonl (one line per iteration), eval.jsonl,
-replay/, world_model.pt (the post-trained weights), rewards.png (reward per dimension).
+cluster.mode=local runs every stage in this process (GRPOLearner); cluster.mode=ray runs them on
+actors (actors/): N RolloutWorkers, M CriticServers, one ReplayStoreActor and a LearnerGroup of
+K DeepSpeed ranks. With no cluster address it starts a local Ray; under `ray job submit` it joins.
+
+Writes into run.output_dir: config.yaml, metrics.jsonl (one line per iteration), tb/ (TensorBoard),
+eval.jsonl, replay/, checkpoints/ (learner, driver state; latest.json names the newest),
+world_model.pt (the post-trained weights), rewards.png (reward per dimension), summary.json.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,18 +43,218 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from actors.replay import ReplayStoreActor
+from actors.rollout import RolloutWorker, group_settings, merge_evaluations
 from spiral_rl.agents.critic import CriticAgent
-from spiral_rl.agents.planner import PlanAgent
-from spiral_rl.config import config_to_dict, load_config_or_exit, save_config
-from spiral_rl.evaluate import evaluate, format_table
+from spiral_rl.config import config_to_dict, grpo_batch_plan, load_config_or_exit, save_config
+from spiral_rl.evaluate import format_table
 from spiral_rl.grpo import GRPOLearner, GRPOSettings
-from spiral_rl.loop import ClosedLoop, LoopSettings
-from spiral_rl.memory import WorldMemory
 from spiral_rl.records import SCORE_DIMS
-from spiral_rl.replay import ReplayStore
-from spiral_rl.rollout import GroupSettings, ModelGenerator, prompts_from_episodes, sample_groups, to_batch
-from spiral_rl.world.tasks import TaskSampler
+from spiral_rl.rollout import Samples, draw_window, score_groups, to_batch
 from spiral_rl.world_model import WorldModel
+
+STAGES = ("rollout", "sample", "critic", "replay", "learner", "sync")
+KEEP_CHECKPOINTS = 2
+
+
+# --------------------------------------------------------------------------- stages: in one process
+
+
+class LocalStages:
+    """Every stage in this process: the rollout worker shares the learner's model (no sync)."""
+
+    def __init__(self, cfg, out: Path):
+        torch.manual_seed(cfg.run.seed)
+        self.cfg, self.model = cfg, WorldModel.from_config(cfg)
+        self.worker = RolloutWorker(cfg, model=self.model)
+        self.critic = CriticAgent.from_config(cfg)
+        self.replay = ReplayStoreActor(str(out / "replay"), cfg.grpo.replay_capacity)
+        self.learner = GRPOLearner(self.model, GRPOSettings.from_config(cfg), lr=cfg.grpo.lr)
+
+    def describe(self) -> str:
+        return "in-process: rollout, critic, replay and GRPOLearner share this process and one model"
+
+    def episodes(self, start: int, seeds: list[int]):
+        return self.worker.episodes("train", start, seeds)
+
+    def sample(self, prompts, window, seed: int):
+        return self.worker.sample(prompts, window, seed)
+
+    def score(self, samples):
+        return self.critic.score_batch(*samples.critic_inputs())
+
+    def store(self, groups) -> None:
+        self.replay.append_groups(groups)
+
+    def learn(self, records, steps, check_ratio: bool) -> dict:
+        batch = to_batch(records, self.model.device)
+        batch.steps = steps
+        return self.learner.update(batch, check_ratio=check_ratio)
+
+    def sync(self, version: int) -> dict:
+        return {}  # one model
+
+    def evaluate(self, split: str, count: int, seed: int) -> dict:
+        return self.worker.evaluate(split, 0, count, seed)
+
+    def replay_stats(self) -> dict:
+        return self.replay.stats()
+
+    def replay_line(self) -> str:
+        return self.replay.log_line()
+
+    def save(self, directory: Path, tag: str, client_state: dict) -> None:
+        (directory / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.model.state_dict(), "optimizer": self.learner.optimizer.state_dict(),
+                    "client_state": client_state}, directory / tag / "learner.pt")
+
+    def load(self, directory: Path, tag: str) -> None:
+        ckpt = torch.load(directory / tag / "learner.pt", map_location="cpu", weights_only=True)
+        self.model.load_state_dict(ckpt["model"])
+        self.learner.optimizer.load_state_dict(ckpt["optimizer"])
+
+    def final_model(self):
+        return self.model
+
+    def shutdown(self) -> None:
+        self.replay.close()
+
+
+# --------------------------------------------------------------------------- stages: on Ray actors
+
+
+class RayStages:
+    """The same stages over actors (see actors/): the driver only moves numpy records and refs."""
+
+    def __init__(self, cfg, out: Path):
+        import ray  # after set_local_env: Ray reads its environment at import
+        from actors.cluster import on_this_node, options, place, start_ray
+        from actors.critic import CriticPool, CriticServer
+        from actors.learner import LearnerGroup
+        self.ray, self.cfg, k = ray, cfg, cfg.cluster
+        print(start_ray(cfg), flush=True)
+        self.pg, where = place(cfg)
+        d = config_to_dict(cfg)
+        self.workers = [ray.remote(RolloutWorker).options(**options(self.pg, b, k.rollout_cpus, k.rollout_gpus))
+                        .remote(d, i) for i, b in enumerate(where["rollout"])]
+        self.critics = [ray.remote(CriticServer).options(**options(self.pg, b, k.critic_cpus)).remote(d)
+                        for b in where["critic"]]
+        self.replay = ray.remote(ReplayStoreActor).options(**on_this_node()).remote(
+            str(out / "replay"), cfg.grpo.replay_capacity)
+        self.learners = LearnerGroup(cfg, self.pg, where["learner"])
+        self.pool = CriticPool(self.critics, k.critic_timeout_s, k.critic_retries)
+        # auto: broadcast between whole GPUs (NCCL needs a device per process), else the object store
+        self.learners.connect(self.workers, k.weight_sync if k.weight_sync != "auto" else (
+            "broadcast" if k.learner_gpus >= 1 and k.rollout_gpus >= 1 else "object_store"))
+
+    def describe(self) -> str:
+        k, info = self.cfg.cluster, self.learners.info[0]
+        return (f"actors: {len(self.workers)} rollout worker(s), {len(self.critics)} critic server(s), 1 replay store, "
+                f"{k.learner_ranks} learner rank(s) on {info['device']} (ZeRO-{k.zero_stage}, "
+                f"{'NCCL' if k.learner_gpus else 'gloo'}, bf16={k.bf16}, offload={k.offload_optimizer}, "
+                f"{info['params']:,} params); placement {k.placement}; weight sync: {self.learners.sync_mode}")
+
+    @staticmethod
+    def _split(n: int, parts: int) -> list[tuple[int, int]]:
+        """Contiguous (start, stop) ranges of n items over `parts`, sizes differing by at most one."""
+        bounds = np.linspace(0, n, parts + 1).round().astype(int)
+        return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    def episodes(self, start: int, seeds: list[int]):
+        parts = self.ray.get([w.episodes.remote("train", start + a, seeds[a:b])
+                              for w, (a, b) in zip(self.workers, self._split(len(seeds), len(self.workers)))])
+        return ([p for prompts, _ in parts for p in prompts],
+                {k: [x for _, s in parts for x in s[k]] for k in ("success", "attempts")})
+
+    def sample(self, prompts, window, seed: int):
+        parts = self._split(len(prompts), len(self.workers))
+        return Samples.concat(self.ray.get([w.sample.remote(prompts[a:b], window, seed + i)
+                                            for i, (w, (a, b)) in enumerate(zip(self.workers, parts))]))
+
+    def score(self, samples):
+        return self.pool.score(samples)
+
+    def store(self, groups) -> None:
+        self.ray.get(self.replay.append_groups.remote(groups))  # acknowledged = durable
+
+    def learn(self, records, steps, check_ratio: bool) -> dict:
+        return self.learners.update(records, steps, check_ratio)
+
+    def sync(self, version: int) -> dict:
+        return self.learners.sync(version)
+
+    def evaluate(self, split: str, count: int, seed: int) -> dict:
+        parts = self._split(count, len(self.workers))
+        return merge_evaluations(self.ray.get([w.evaluate.remote(split, a, b - a, seed)
+                                               for w, (a, b) in zip(self.workers, parts)]))
+
+    def replay_stats(self) -> dict:
+        return self.ray.get(self.replay.stats.remote())
+
+    def replay_line(self) -> str:
+        return self.ray.get(self.replay.log_line.remote())
+
+    def save(self, directory: Path, tag: str, client_state: dict) -> None:
+        self.learners.save(str(directory), tag, client_state)
+
+    def load(self, directory: Path, tag: str) -> None:
+        self.learners.load(str(directory), tag)
+
+    def final_model(self):
+        state, _ = self.learners.gather_state()
+        model = WorldModel.from_config(self.cfg)
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in self.ray.get(state).items()})
+        return model
+
+    def shutdown(self) -> None:
+        ray = self.ray
+        try:
+            ray.get(self.replay.close.remote())
+        finally:
+            for a in [*self.workers, *self.critics, self.replay]:
+                ray.kill(a)
+            self.learners.shutdown()
+            ray.util.remove_placement_group(self.pg)
+            ray.shutdown()
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def print_plan(cfg) -> None:
+    """Every derived batch quantity, with the keys it comes from."""
+    p, g, ray = grpo_batch_plan(cfg), cfg.grpo, cfg.cluster.mode == "ray"
+    rows = [("prompts per iteration", p["prompts_per_iter"], f"grpo.prompts_per_iter, from grpo.episodes_per_iter="
+             f"{g.episodes_per_iter} closed-loop episodes"),
+            ("group size G", p["group_size"], "grpo.group_size"),
+            ("segments per learner step", p["segments_per_learner_step"], "prompts x G"),
+            ("learner ranks", p["learner_ranks"], "cluster.learner_ranks" if ray else "cluster.mode=local: one process"),
+            ("per-rank batch", p["per_rank_batch"], "segments / ranks"),
+            ("micro-batch", p["micro_batch"], f"cluster.micro_batch -> {p['micro_batches_per_rank']} per rank"
+             if ray else "the whole batch"),
+            ("trained steps per update", p["trained_steps_per_update"],
+             f"grpo.train_steps of a window of {p['sde_window_steps']} (grpo.window) of {g.sample_steps} SDE steps"),
+            ("gradient accumulation", p["grad_accumulation"], "backward passes per optimizer step: micro-batches x steps"),
+            ("updates per iteration", p["updates_per_iter"], "grpo.updates_per_iter"),
+            ("iterations", g.iterations, "grpo.iterations")]
+    print("derived quantities:\n" + "\n".join(f"  {name:<27}{value:>6}   {why}" for name, value, why in rows), flush=True)
+
+
+def choose_prompts(prompts: list, n: int, rng: np.random.Generator) -> tuple[list, int]:
+    """Exactly n prompts: a random subset, or all of them topped up by repeats (each repeat is a new
+    group with new seeds). Returns (prompts, repeats)."""
+    if len(prompts) >= n:
+        return [prompts[i] for i in sorted(rng.choice(len(prompts), n, replace=False))], 0
+    extra = rng.choice(len(prompts), n - len(prompts), replace=True)
+    return prompts + [prompts[i] for i in extra], n - len(prompts)
+
+
+def draw_steps(window: tuple[int, int], train_steps: int, rng: np.random.Generator) -> list[int]:
+    """The window's steps an update trains on (all, or train_steps of them), shared by every rank."""
+    steps = list(range(*window))
+    if train_steps and train_steps < len(steps):
+        steps = sorted(rng.choice(steps, size=train_steps, replace=False).tolist())
+    return steps
 
 
 def plot_rewards(rows: list[dict], path: Path) -> None:
@@ -58,92 +274,189 @@ def plot_rewards(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+class Checkpoints:
+    """checkpoints/learner/<tag>/ (the learner's own format), checkpoints/driver-<tag>.json
+    (iteration, task cursor, rng, replay position, first eval), checkpoints/latest.json (written
+    last, atomically: a checkpoint exists once it is named there). Keeps the newest KEEP_CHECKPOINTS."""
+
+    def __init__(self, out: Path):
+        self.dir = out / "checkpoints"
+
+    def latest(self) -> dict | None:
+        path = self.dir / "latest.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save(self, stages, iteration: int, driver_state: dict) -> str:
+        tag = f"iter{iteration:06d}"  # never "latest": DeepSpeed's pointer file has that name
+        (self.dir / "learner").mkdir(parents=True, exist_ok=True)
+        stages.save(self.dir / "learner", tag, {"iteration": iteration})
+        (self.dir / f"driver-{tag}.json").write_text(json.dumps(driver_state))
+        tmp = self.dir / "latest.json.tmp"
+        tmp.write_text(json.dumps({"iteration": iteration, "tag": tag}))
+        os.replace(tmp, self.dir / "latest.json")
+        for old in sorted(self.dir.glob("driver-iter*.json"))[:-KEEP_CHECKPOINTS]:
+            old_tag = old.stem[len("driver-"):]
+            shutil.rmtree(self.dir / "learner" / old_tag, ignore_errors=True)
+            old.unlink()
+        return tag
+
+    def load(self, stages) -> dict:
+        latest = self.latest()
+        stages.load(self.dir / "learner", latest["tag"])
+        return json.loads((self.dir / f"driver-{latest['tag']}.json").read_text())
+
+
+def keep_rows(path: Path, last_iteration: int) -> list[dict]:
+    """The JSONL rows up to last_iteration (a resumed run drops what came after its checkpoint)."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["iteration"] <= last_iteration]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
 def main(argv: list[str]) -> int:
     cfg = load_config_or_exit(argv)
     g = cfg.grpo
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    torch.manual_seed(cfg.run.seed)
-    rng = np.random.default_rng(cfg.run.seed)
     if not cfg.model.pretrained_path:
         sys.exit("grpo needs a pre-trained world model: set model.pretrained_path (see launch/sft.py)")
-    model = WorldModel.from_config(cfg)
-    sampler, planner, critic = TaskSampler(cfg.world), PlanAgent.from_config(cfg), CriticAgent.from_config(cfg)
+    if Path(cfg.model.pretrained_path).exists():  # actors may start elsewhere: give them an absolute path
+        cfg.model.pretrained_path = str(Path(cfg.model.pretrained_path).resolve())
+    out = Path(cfg.run.output_dir).resolve()
+    ckpts = Checkpoints(out)
+    latest = ckpts.latest()
+    if latest and not g.resume:
+        sys.exit(f"{ckpts.dir} holds a checkpoint of an earlier run (iteration {latest['iteration']}); pass "
+                 "grpo.resume=true to continue it, or pick another run.output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    print_plan(cfg)
+    if cfg.cluster.mode == "ray":
+        from actors.cluster import set_local_env
+        set_local_env(cfg)  # before Ray is imported
+        stages = RayStages(cfg, out)
+    else:
+        stages = LocalStages(cfg, out)
+    try:
+        return run(cfg, stages, out, ckpts, latest if g.resume else None)
+    finally:
+        stages.shutdown()
+
+
+def run(cfg, stages, out: Path, ckpts: Checkpoints, resume: dict | None) -> int:
+    g = cfg.grpo
+    print(stages.describe(), flush=True)
+    rng = np.random.default_rng(cfg.run.seed)
     weights = {d: getattr(cfg.reward.weights, d) for d in SCORE_DIMS}
-    loop_settings = LoopSettings("spiral", cfg.loop.max_retries, cfg.loop.max_replans, cfg.model.guidance)
-    group = GroupSettings(g.group_size, g.sample_steps, g.noise_level, g.window, g.train_steps, cfg.model.guidance)
-    learner = GRPOLearner(model, GRPOSettings(g.clip_range, g.kl_coef, g.reduction, adv_clip=g.adv_clip,
-                                              max_grad_norm=g.max_grad_norm, aggregation=cfg.reward.aggregation),
-                          lr=g.lr)
-    replay = ReplayStore(out / "replay", capacity=g.replay_capacity)
-    generator = ModelGenerator(model)
-    val_tasks = sampler.tasks(cfg.run.split, g.eval_tasks)
-    print(f"grpo: {g.iterations} iterations x {g.episodes_per_iter} episodes -> up to {g.prompts_per_iter} "
-          f"prompts x G={g.group_size} = {g.prompts_per_iter * g.group_size} segments per learner step; "
-          f"SDE {g.sample_steps} steps, window {g.window or g.sample_steps}, train on "
-          f"{g.train_steps or g.window or g.sample_steps} of them, {g.updates_per_iter} update(s) per iteration",
-          flush=True)
+    group = group_settings(cfg)
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(str(out / "tb"))
+    except ImportError:  # tensorboard is in the [dist] extra
+        tb = None
 
     def run_eval(iteration: int) -> dict:
-        model.eval()
         t0 = time.perf_counter()
-        res = evaluate(planner, critic, generator, val_tasks, cfg, loop_settings, seed=cfg.run.seed)
+        res = stages.evaluate(cfg.run.split, g.eval_tasks, cfg.run.seed)
         with open(out / "eval.jsonl", "a") as f:
             f.write(json.dumps({"iteration": iteration, **res}) + "\n")
-        print(f"eval @ {iteration} ({time.perf_counter() - t0:.0f} s, {len(val_tasks)} {cfg.run.split} tasks)\n"
+        print(f"eval @ {iteration} ({time.perf_counter() - t0:.0f} s, {g.eval_tasks} {cfg.run.split} tasks)\n"
               + format_table(res), flush=True)
         return res
 
-    first = run_eval(0)
-    rows, task_index = [], 0
-    for it in range(1, g.iterations + 1):
-        times, t0 = {}, time.perf_counter()
-        model.eval()
-        loop = ClosedLoop(planner, critic, generator, loop_settings)
-        tasks = sampler.tasks("train", g.episodes_per_iter, start=task_index)
+    if resume:
+        state = ckpts.load(stages)
+        rng.bit_generator.state = state["rng"]
+        rows = keep_rows(out / "metrics.jsonl", state["iteration"])
+        keep_rows(out / "eval.jsonl", state["iteration"])
+        first, start, task_index = state["first_eval"], state["iteration"] + 1, state["task_index"]
+        print(f"resumed from {ckpts.dir / 'learner' / resume['tag']} at iteration {state['iteration']}; replay holds "
+              f"{stages.replay_stats()['records']} records ({state['replay_records']} at the checkpoint)", flush=True)
+    else:
+        first, rows, start, task_index = None, [], 1, 0
+    sync = stages.sync(start - 1)  # the rollout workers start from the learner's weights, verified
+    if sync:
+        print(f"weight sync: {sync['params']} params in {sync['buckets']} bucket(s) verified on every rollout "
+              f"worker ({sync['seconds']:.2f} s)", flush=True)
+    if first is None:
+        first = run_eval(0)
+
+    def checkpoint(iteration: int) -> None:
+        tag = ckpts.save(stages, iteration, {"iteration": iteration, "task_index": task_index,
+                                             "rng": rng.bit_generator.state, "first_eval": first,
+                                             "replay_records": stages.replay_stats()["records"]})
+        print(f"checkpoint {tag} -> {ckpts.dir}", flush=True)
+
+    for it in range(start, g.iterations + 1):
+        times, t_iter = dict.fromkeys(STAGES, 0.0), time.perf_counter()
+        t0 = time.perf_counter()
+        seeds = rng.integers(0, 2**31, size=g.episodes_per_iter).tolist()
+        found, ep = stages.episodes(task_index, seeds)
         task_index += g.episodes_per_iter
-        episodes = [loop.run(t, WorldMemory.from_task(t, cfg), seed=int(rng.integers(2**31))) for t in tasks]
-        prompts = prompts_from_episodes(episodes)
-        if len(prompts) > g.prompts_per_iter:
-            prompts = [prompts[i] for i in sorted(rng.choice(len(prompts), g.prompts_per_iter, replace=False))]
+        prompts, repeats = choose_prompts(found, g.prompts_per_iter, rng)
         times["rollout"] = time.perf_counter() - t0
-        groups, stats = sample_groups(model, critic, prompts, group, weights, cfg.reward.aggregation, it, rng)
-        times["sample"], times["critic"] = stats.pop("sample_s"), stats.pop("critic_s")
-        t1 = time.perf_counter()
-        for grp in groups:
-            replay.append_many(grp)
-        times["replay"] = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        records = [r for grp in groups for r in grp if not np.isnan(r.advantage)]
+
+        t0 = time.perf_counter()
+        samples = stages.sample(prompts, draw_window(group, rng), int(rng.integers(2**31)))
+        times["sample"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        verdicts = stages.score(samples)
+        groups, stats = score_groups(samples, verdicts, weights, cfg.reward.aggregation, it)
+        times["critic"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        stages.store(groups)
+        times["replay"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        records = [r for grp in groups for r in grp]
         upd: dict = {}
-        if any(r.advantage != 0 for r in records):
+        if any(r.advantage != 0 for r in records):  # else every group is degenerate: nothing to learn
             for u in range(g.updates_per_iter):
-                batch = to_batch(records, model.device, g.train_steps, rng)
-                upd = learner.update(batch, check_ratio=(u == 0))
-        times["learner"] = time.perf_counter() - t1
-        row = {"iteration": it, **stats, **{f"loss/{k}": v for k, v in upd.items()},
-               "episode_success": float(np.mean([e.success for e in episodes])),
-               "attempts_per_step": float(np.mean([len(s.attempts) for e in episodes for s in e.steps])),
-               **{f"time/{k}": round(v, 3) for k, v in times.items()},
-               "segments_per_s": stats["segments"] / max(time.perf_counter() - t0, 1e-9)}
+                upd = stages.learn(records, draw_steps(samples.window, g.train_steps, rng), check_ratio=(u == 0))
+            times["learner"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            stages.sync(it)
+            times["sync"] = time.perf_counter() - t0
+
+        elapsed = time.perf_counter() - t_iter
+        row = {"iteration": it, **stats, "prompts_found": len(found), "prompts_repeated": repeats,
+               **{f"loss/{k}": v for k, v in upd.items()},
+               "episode_success": float(np.mean(ep["success"])), "attempts_per_step": float(np.mean(ep["attempts"])),
+               **{f"time/{k}": round(v, 3) for k, v in times.items()}, "segments_per_s": stats["segments"] / elapsed}
         rows.append(row)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "iteration":
+                    tb.add_scalar(k, v, it)
+            tb.flush()
         split = " ".join(f"{k} {v:.1f}s" for k, v in times.items())
         print(f"[{it}/{g.iterations}] reward {stats['reward_mean']:.3f} | "
               + " ".join(f"{d[:8]} {stats[f'score/{d}']:.2f}" for d in SCORE_DIMS)
               + f" | success {row['episode_success']:.2f} | degenerate {stats['degenerate_groups']}/{stats['prompts']}"
               + f" | ratio0 {upd.get('first_ratio_max_dev', float('nan')):.1e} clip {upd.get('clip_frac', 0):.2f}"
-              + f" | {row['segments_per_s']:.1f} seg/s | {split}", flush=True)
+              + f" | {row['segments_per_s']:.2f} seg/s | {split}", flush=True)
         if g.eval_every and it % g.eval_every == 0 and it != g.iterations:
             run_eval(it)
+        if g.checkpoint_every and it % g.checkpoint_every == 0 and it != g.iterations:
+            checkpoint(it)
+
     last = run_eval(g.iterations)
-    model.save(out / "world_model.pt")
+    if start <= g.iterations:
+        checkpoint(g.iterations)
+    stages.final_model().save(out / "world_model.pt")
+    if tb is not None:
+        tb.close()
     plot_rewards(rows, out / "rewards.png")
-    summary = {"before": first, "after": last, "config": config_to_dict(cfg), "replay": replay.stats()}
+    summary = {"before": first, "after": last, "config": config_to_dict(cfg), "replay": stages.replay_stats(),
+               "iterations": g.iterations, "mode": cfg.cluster.mode}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"{replay.log_line()}\nwrote {out}/summary.json, rewards.png, world_model.pt", flush=True)
+    print(f"{stages.replay_line()}\nwrote {out}/summary.json, metrics.jsonl, rewards.png, world_model.pt, "
+          f"checkpoints/", flush=True)
     return 0
 
 

@@ -205,6 +205,45 @@ class GRPOConfig:
     eval_every: int = param(10, range="[0, inf)")  # iterations; 0 = only before and after
     eval_tasks: int = param(24, range="[1, inf)")  # run.split tasks for the mode comparison
     replay_capacity: int = param(20000, range="[1, inf)")  # scored segments kept on disk
+    # Every N iterations save learner, driver state and replay position under checkpoints/ (0 = only at the end).
+    checkpoint_every: int = param(10, range="[0, inf)")
+    # Continue from the latest checkpoint in run.output_dir (else that dir must hold none).
+    resume: bool = False
+
+
+@dataclass
+class ClusterConfig:
+    """Where launch/grpo.py runs its stages: in its own process (local), or on Ray actors (ray):
+    N rollout workers, M critic servers, one replay-store actor and a learner group of K DeepSpeed
+    ranks, all in one placement group. With no address the driver starts a local Ray."""
+    mode: str = param("ray", choices=("local", "ray"))
+    # Ray cluster to join; '' = $RAY_ADDRESS (`ray job submit` sets it), else start a local Ray.
+    address: str = ""
+    rollout_workers: int = param(1, range="[1, inf)")  # N: closed-loop episodes and SDE groups
+    critic_servers: int = param(1, range="[1, inf)")  # M: batched scoring, load-balanced by the driver
+    learner_ranks: int = param(2, range="[1, inf)")  # K: data-parallel ranks, one DeepSpeed engine each
+    # Ray resources per actor; an actor's torch threads = max(1, int(cpus)). Stages run one after
+    # another, so a local Ray counts the CPUs as the sum of these, not the cores it has.
+    rollout_cpus: float = param(1.0, range="(0, inf)")
+    critic_cpus: float = param(0.5, range="(0, inf)")
+    learner_cpus: float = param(1.0, range="(0, inf)")
+    rollout_gpus: float = param(0.0, range="[0, 1]")  # fractions share a GPU (e.g. 0.5 each on one card)
+    learner_gpus: float = param(0.0, range="[0, 1]")  # 0: CPU and gloo; > 0: CUDA and NCCL
+    placement: str = param("pack", choices=("pack", "spread"))  # placement-group strategy
+    zero_stage: int = param(2, range="[0, 3]")  # DeepSpeed ZeRO stage of the learner group
+    # bf16 learner forward (GPU only). The recomputed log-probs then differ from the fp32 rollout's
+    # and the first-ratio guard (grpo.py) may refuse the update; off unless rollouts match it.
+    bf16: bool = False
+    offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory (zero_stage >= 1)
+    # Segments per learner forward on a rank; 0 = the whole per-rank batch. Must divide it.
+    micro_batch: int = param(0, range="[0, inf)")
+    # Learner -> rollout weights after each update: 'object_store' (one put of a numpy state dict),
+    # 'broadcast' (bucketed torch.distributed broadcast: NCCL on GPU, gloo on CPU), 'auto': broadcast
+    # when learners and rollout workers each hold a whole GPU, else object_store.
+    weight_sync: str = param("auto", choices=("auto", "object_store", "broadcast"))
+    sync_bucket_mb: float = param(64.0, range="(0, inf)")  # broadcast bucket size
+    critic_timeout_s: float = param(120.0, range="(0, inf)")  # a critic call slower than this is retried
+    critic_retries: int = param(2, range="[0, inf)")  # retries of a failed or slow call before failing the run
 
 
 @dataclass
@@ -218,6 +257,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 # --------------------------------------------------------------------------- validation
@@ -276,6 +316,55 @@ def _cross_field_errors(c: Config) -> list[str]:
         errors.append(f"train.bf16={c.train.bf16!r} must be 'auto', true or false")
     if c.planner.kind == "llm" and not c.planner.model_path:
         errors.append("planner.model_path='' must name a local model dir when planner.kind='llm'")
+    if c.cluster.mode == "ray":
+        errors += _cluster_errors(c)
+    return errors
+
+
+def grpo_batch_plan(c: Config) -> dict[str, int]:
+    """What the grpo and cluster keys resolve to per iteration (launch/grpo.py prints it). In
+    cluster.mode=local one process takes the whole batch in one forward per trained step."""
+    import numpy as np
+
+    from spiral_rl.rollout import GroupSettings, draw_window  # the sampler's own window rule (imports torch)
+    g, k = c.grpo, c.cluster
+    start, end = draw_window(GroupSettings(g.group_size, g.sample_steps, g.noise_level, g.window),
+                             np.random.default_rng(0))
+    window = end - start  # where it starts is drawn; its size is not
+    trained = min(g.train_steps, window) if g.train_steps else window
+    segments = g.prompts_per_iter * g.group_size
+    ranks = max(1, k.learner_ranks) if k.mode == "ray" else 1
+    per_rank = segments // ranks
+    micro = (k.micro_batch or per_rank) if k.mode == "ray" else per_rank
+    micro_batches = max(1, per_rank // micro)
+    return {"prompts_per_iter": g.prompts_per_iter, "group_size": g.group_size,
+            "segments_per_learner_step": segments, "learner_ranks": ranks, "per_rank_batch": per_rank,
+            "micro_batch": micro, "micro_batches_per_rank": micro_batches, "sde_window_steps": window,
+            "trained_steps_per_update": trained,
+            "grad_accumulation": micro_batches * trained,  # backward passes per optimizer step
+            "updates_per_iter": g.updates_per_iter}
+
+
+def _cluster_errors(c: Config) -> list[str]:
+    """The distributed run's batch and placement rules (cluster.mode='ray')."""
+    g, k, errors = c.grpo, c.cluster, []
+    segments = g.prompts_per_iter * g.group_size
+    if k.learner_ranks < 1:
+        pass  # reported by its range rule
+    elif segments % k.learner_ranks:
+        errors.append(f"grpo.prompts_per_iter={g.prompts_per_iter} x grpo.group_size={g.group_size} = {segments} "
+                      f"segments per learner step do not split evenly over cluster.learner_ranks={k.learner_ranks}")
+    elif k.micro_batch and (segments // k.learner_ranks) % k.micro_batch:
+        errors.append(f"cluster.micro_batch={k.micro_batch} must divide the per-rank batch of "
+                      f"{segments // k.learner_ranks} segments (grpo.prompts_per_iter={g.prompts_per_iter} x "
+                      f"grpo.group_size={g.group_size} / cluster.learner_ranks={k.learner_ranks})")
+    if k.bf16 and not k.learner_gpus:
+        errors.append("cluster.bf16=true needs GPU learners (cluster.learner_gpus > 0)")
+    if k.offload_optimizer and k.zero_stage == 0:
+        errors.append("cluster.offload_optimizer=true needs cluster.zero_stage >= 1")
+    if k.weight_sync == "broadcast" and bool(k.learner_gpus) != bool(k.rollout_gpus):
+        errors.append(f"cluster.weight_sync='broadcast' needs cluster.learner_gpus={k.learner_gpus} and "
+                      f"cluster.rollout_gpus={k.rollout_gpus} both 0 (gloo) or both > 0 (NCCL)")
     return errors
 
 

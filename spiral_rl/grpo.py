@@ -19,6 +19,10 @@ log-ratio is numel times larger and needs a far smaller clip range):
     L = mean_{p,g,s} max(-A rho_s, -A clip(rho_s, 1 - eps_clip, 1 + eps_clip)) + beta KL_s(pi_theta || pi_ref)
 
 where the KL of two Gaussians with the same std is ||mu_theta - mu_ref||^2 / (2 std^2).
+
+`step_loss` is the one copy of this loss for one step s: GRPOLearner (one process) and the
+DeepSpeed learner group (actors/learner.py) both call it and only differ in how they accumulate
+gradients over steps, micro-batches and ranks.
 """
 from __future__ import annotations
 
@@ -48,6 +52,12 @@ class GRPOSettings:
     max_grad_norm: float = 1.0
     ratio_tol: float = 1e-3  # |rho - 1| allowed at the first update of an iteration
     aggregation: str = "weighted_sum"  # "weighted_sum" | "per_dim_normalise"
+
+    @classmethod
+    def from_config(cls, cfg) -> "GRPOSettings":
+        g = cfg.grpo
+        return cls(g.clip_range, g.kl_coef, g.reduction, adv_clip=g.adv_clip, max_grad_norm=g.max_grad_norm,
+                   aggregation=cfg.reward.aggregation)
 
     def __post_init__(self):
         if self.reduction not in ("mean", "sum"):
@@ -110,6 +120,68 @@ class GRPOBatch:
     steps: Sequence[int]
     guidance: float = 1.0
 
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def micro_batches(self, size: int) -> list["GRPOBatch"]:
+        """Consecutive slices of `size` segments (size must divide the batch): gradient accumulation
+        over equal slices averages to the whole batch's gradient, because the loss is a mean."""
+        if size <= 0 or len(self) % size:
+            raise ValueError(f"micro-batch size {size} must divide the batch of {len(self)} segments")
+        t, out = self.trajectory, []
+        for a in range(0, len(self), size):
+            b = slice(a, a + size)
+            traj = Trajectory(t.latents[:, b], t.log_probs[:, b], t.numel, t.timesteps, t.noise_level,
+                              t.window, t.sample[b])
+            out.append(GRPOBatch(self.context[b], list(self.texts)[b], traj, self.advantages[b],
+                                 self.steps, self.guidance))
+        return out
+
+
+def check_batch(batch: GRPOBatch) -> None:
+    """Refuse a batch whose steps are not in its SDE window, or whose rollout is not stored fp32."""
+    traj, steps = batch.trajectory, list(batch.steps)
+    if not steps or any(i not in traj.sde_steps for i in steps):
+        raise ValueError(f"steps {steps} must be a non-empty subset of the SDE window {traj.sde_steps}")
+    if traj.latents.dtype != torch.float32 or traj.log_probs.dtype != torch.float32:
+        raise RatioDriftError(f"rollout stored as {traj.latents.dtype}/{traj.log_probs.dtype}: "
+                              "latents and log-probs must be float32")
+
+
+def check_first_ratio(ratio_max_dev: float, settings: GRPOSettings) -> None:
+    """Raise if the importance ratio before any update is not 1 (see RatioDriftError)."""
+    if ratio_max_dev > settings.ratio_tol:
+        raise RatioDriftError(f"first importance ratio deviates from 1 by {ratio_max_dev:.2e} "
+                              f"(> {settings.ratio_tol:g}) before any update: the rollout's latents / "
+                              "log-probs do not match the policy (check fp32 storage and batch layout)")
+
+
+def step_loss(policy, reference, batch: GRPOBatch, i: int, settings: GRPOSettings) -> tuple[Tensor, dict]:
+    """The GRPO objective of recorded step i, a mean over the batch's segments:
+    clipped surrogate + beta * KL to the reference. policy / reference: WorldModel-like (encode_text,
+    velocity); the reference runs without gradient. The one copy of the loss: GRPOLearner and the
+    DeepSpeed learner (actors/learner.py) both call it. -> (loss, stats)."""
+    s, traj = settings, batch.trajectory
+    texts, guided = list(batch.texts), batch.guidance != 1.0
+    # The text is encoded per step: each step's graph is freed by its own backward.
+    cond = policy.encode_text(texts)
+    uncond = policy.encode_text([""] * len(texts)) if guided else None
+    logp, mean, std = step_log_prob(policy.velocity, batch.context, cond, traj, [i], batch.guidance, uncond,
+                                    return_mean=True)
+    with torch.no_grad():
+        ref_cond = reference.encode_text(texts)
+        ref_uncond = reference.encode_text([""] * len(texts)) if guided else None
+        _, mean_ref, _ = step_log_prob(reference.velocity, batch.context, ref_cond, traj, [i], batch.guidance,
+                                       ref_uncond, return_mean=True)
+    adv = batch.advantages.to(traj.latents.device, torch.float32)
+    logp_new = reduce_logprob(logp[0], traj.numel, s.reduction)  # (B,)
+    logp_old = reduce_logprob(traj.log_probs[i], traj.numel, s.reduction)
+    kl = reduce_logprob(kl_to_reference(mean, mean_ref, std)[0], traj.numel, s.reduction)  # (B,)
+    policy_loss, stats = clipped_surrogate(logp_new, logp_old, adv, s.clip_range)
+    loss = policy_loss + s.kl_coef * kl.mean()
+    stats.update(policy_loss=policy_loss.item(), kl=kl.mean().item(), loss=loss.item())
+    return loss, stats
+
 
 class GRPOLearner:
     """Owns the policy's optimiser and a frozen reference copy; `update` is one GRPO step."""
@@ -128,45 +200,20 @@ class GRPOLearner:
 
         check_ratio: assert rho == 1 on the first step; pass True for the first update of an
         iteration (weights unchanged since the rollout), False for later ones."""
-        s, model = self.settings, self.model
-        traj, steps = batch.trajectory, list(batch.steps)
-        if not steps or any(i not in traj.sde_steps for i in steps):
-            raise ValueError(f"steps {steps} must be a non-empty subset of the SDE window {traj.sde_steps}")
-        if traj.latents.dtype != torch.float32 or traj.log_probs.dtype != torch.float32:
-            raise RatioDriftError(f"rollout stored as {traj.latents.dtype}/{traj.log_probs.dtype}: "
-                                  "latents and log-probs must be float32")
-        model.train()
+        check_batch(batch)
+        steps = list(batch.steps)
+        self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        texts, guided = list(batch.texts), batch.guidance != 1.0
-        with torch.no_grad():
-            ref_cond = self.reference.encode_text(texts)
-            ref_uncond = self.reference.encode_text([""] * len(texts)) if guided else None
-        adv = batch.advantages.to(traj.latents.device, torch.float32)
         totals: dict[str, float] = {}
         for n, i in enumerate(steps):
-            # The text is re-encoded per step: each step's graph is freed by its own backward.
-            cond = model.encode_text(texts)
-            uncond = model.encode_text([""] * len(texts)) if guided else None
-            logp, mean, std = step_log_prob(model.velocity, batch.context, cond, traj, [i],
-                                            batch.guidance, uncond, return_mean=True)
-            with torch.no_grad():
-                _, mean_ref, _ = step_log_prob(self.reference.velocity, batch.context, ref_cond, traj, [i],
-                                               batch.guidance, ref_uncond, return_mean=True)
-            logp_new = reduce_logprob(logp[0], traj.numel, s.reduction)  # (B,)
-            logp_old = reduce_logprob(traj.log_probs[i], traj.numel, s.reduction)
-            kl = reduce_logprob(kl_to_reference(mean, mean_ref, std)[0], traj.numel, s.reduction)  # (B,)
-            policy_loss, stats = clipped_surrogate(logp_new, logp_old, adv, s.clip_range)
-            if check_ratio and n == 0 and stats["ratio_max_dev"] > s.ratio_tol:
-                raise RatioDriftError(f"first importance ratio deviates from 1 by {stats['ratio_max_dev']:.2e} "
-                                      f"(> {s.ratio_tol:g}) before any update: the rollout's latents / "
-                                      "log-probs do not match the policy (check fp32 storage and batch layout)")
-            loss = (policy_loss + s.kl_coef * kl.mean()) / len(steps)
-            loss.backward()
-            stats.update(policy_loss=policy_loss.item(), kl=kl.mean().item(), loss=loss.item() * len(steps))
+            loss, stats = step_loss(self.model, self.reference, batch, i, self.settings)
+            if check_ratio and n == 0:
+                check_first_ratio(stats["ratio_max_dev"], self.settings)
+            (loss / len(steps)).backward()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v / len(steps)
             if n == 0:
                 totals["first_ratio_max_dev"] = stats["ratio_max_dev"]
-        totals["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm))
+        totals["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm))
         self.optimizer.step()
         return totals

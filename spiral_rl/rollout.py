@@ -5,7 +5,9 @@ all sharing one window of noisy denoising steps (Flow-GRPO / MixGRPO: the import
 only defined on those steps, and group members must be comparable). The critic scores every
 segment; grpo.group_advantages turns the scores into advantages; each sample becomes a
 replay.ScoredSegment (fp32 latents and log-probs, numpy only). `to_batch` stacks stored records
-back into the learner's GRPOBatch.
+back into the learner's GRPOBatch. The stages are separate functions (sample_sde -> critic ->
+score_groups) so that the distributed driver can run them on different actors; `sample_groups`
+chains them in one process.
 """
 from __future__ import annotations
 
@@ -52,53 +54,117 @@ def prompts_from_episodes(episodes: Sequence[Episode]) -> list[Prompt]:
 
 
 def draw_window(settings: GroupSettings, rng: np.random.Generator) -> tuple[int, int]:
-    if settings.window <= 0 or settings.window >= settings.sample_steps:
-        return 0, settings.sample_steps
-    start = int(rng.integers(0, settings.sample_steps - settings.window + 1))
+    """[start, end) of the noisy steps, drawn once per call. The last step is always deterministic:
+    noise injected there stays in the sample (sigma_t * sqrt(|dt|) is largest at the last, widest
+    step of a shifted schedule), and the critic's quality check would then score the sampler's
+    noise instead of the policy."""
+    last = settings.sample_steps - 1  # noisy steps may use [0, last)
+    if last < 1:
+        raise ValueError(f"grpo.sample_steps={settings.sample_steps} leaves no noisy step; use >= 2")
+    if settings.window <= 0 or settings.window >= last:
+        return 0, last
+    start = int(rng.integers(0, last - settings.window + 1))
     return start, start + settings.window
 
 
+@dataclass
+class Samples:
+    """G SDE samples for each of P prompts, before scoring: numpy only, what a rollout worker
+    returns (sample p * G + j is member j of prompt p's group). All share one window."""
+
+    prompts: list[Prompt]
+    group_size: int
+    seeds: list[int]  # per sample: its initial noise
+    window: tuple[int, int]  # the shared SDE window [start, end)
+    frames: np.ndarray  # (P * G, T, H, W, 3) uint8
+    latents: np.ndarray  # (S + 1, P * G, C, T', H', W') fp32
+    log_probs: np.ndarray  # (S, P * G) fp32
+    timesteps: np.ndarray  # (S + 1,) fp32
+    noise_level: float
+    guidance: float
+    seconds: float = 0.0  # wall time of the sampling
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def critic_inputs(self) -> tuple[list[np.ndarray], list, list, list]:
+        """(frames, sub-actions, memories, next actions) per sample: CriticAgent.score_batch's arguments."""
+        g = self.group_size
+        return (list(self.frames), [p.sub_action for p in self.prompts for _ in range(g)],
+                [_Objects(p.objects) for p in self.prompts for _ in range(g)],
+                [p.next_action for p in self.prompts for _ in range(g)])
+
+    @staticmethod
+    def concat(parts: Sequence["Samples"]) -> "Samples":
+        """Join the samples of several workers (same window, group size and noise) in order."""
+        first = parts[0]
+        for p in parts[1:]:
+            if (p.window, p.group_size, p.noise_level, p.guidance) != (first.window, first.group_size,
+                                                                       first.noise_level, first.guidance):
+                raise ValueError("samples to join must share window, group size, noise level and guidance")
+        return Samples([q for p in parts for q in p.prompts], first.group_size, [s for p in parts for s in p.seeds],
+                       first.window, np.concatenate([p.frames for p in parts]),
+                       np.concatenate([p.latents for p in parts], axis=1),
+                       np.concatenate([p.log_probs for p in parts], axis=1), first.timesteps, first.noise_level,
+                       first.guidance, max(p.seconds for p in parts))
+
+
 @torch.no_grad()
-def sample_groups(model, critic, prompts: Sequence[Prompt], settings: GroupSettings, weights: dict,
-                  aggregation: str, policy_version: int, rng: np.random.Generator
-                  ) -> tuple[list[list[ScoredSegment]], dict]:
-    """G SDE samples per prompt, scored; -> (groups of ScoredSegment, stats)."""
+def sample_sde(model, prompts: Sequence[Prompt], settings: GroupSettings, rng: np.random.Generator,
+               window: tuple[int, int] | None = None) -> Samples:
+    """G SDE samples per prompt in one batched call; window: the shared SDE window (None: drawn here)."""
     g, t0 = settings.group_size, time.perf_counter()
     contexts = np.stack([p.context for p in prompts]).repeat(g, axis=0)  # (P * G, K, H, W, 3)
     texts = [p.sub_action.text for p in prompts for _ in range(g)]
     seeds = rng.integers(0, 2**31 - 1, size=len(texts)).tolist()
-    window = draw_window(settings, rng)
+    window = tuple(window) if window is not None else draw_window(settings, rng)
     inp = model.prepare(contexts, texts, seed=seeds, guidance=settings.guidance)
     traj = sde_sample(model.velocity, inp.context, inp.cond, inp.noise, settings.sample_steps,
                       settings.noise_level, model.cfg.shift, settings.guidance, inp.uncond,
                       torch.Generator(device=inp.noise.device).manual_seed(int(seeds[0])), window)
-    frames = tensor_to_frames(traj.sample)  # (P * G, T, H, W, 3)
-    t_sample = time.perf_counter() - t0
-    verdicts = critic.score_batch(list(frames), [p.sub_action for p in prompts for _ in range(g)],
-                                  [_Objects(p.objects) for p in prompts for _ in range(g)],
-                                  [p.next_action for p in prompts for _ in range(g)])
+    return Samples(list(prompts), g, seeds, traj.window, tensor_to_frames(traj.sample),  # (P * G, T, H, W, 3)
+                   traj.latents.cpu().numpy(), traj.log_probs.cpu().numpy(), traj.timesteps.cpu().numpy(),
+                   settings.noise_level, settings.guidance, time.perf_counter() - t0)
+
+
+def score_groups(samples: Samples, verdicts: Sequence, weights: dict, aggregation: str,
+                 policy_version: int) -> tuple[list[list[ScoredSegment]], dict]:
+    """Verdicts (one per sample) -> rewards -> group advantages -> (groups of ScoredSegment, stats)."""
+    g, prompts = samples.group_size, samples.prompts
+    if len(verdicts) != len(samples):
+        raise ValueError(f"got {len(verdicts)} verdicts for {len(samples)} samples")
     scores = np.array([[v.scores[d] for d in SCORE_DIMS] for v in verdicts]).reshape(len(prompts), g, -1)
     rewards, adv, degenerate = group_advantages(scores, np.array([weights[d] for d in SCORE_DIMS]), aggregation)
-    latents = traj.latents.cpu().numpy()  # (S + 1, P * G, C, T, H, W) fp32
-    log_probs = traj.log_probs.cpu().numpy()
-    timesteps = traj.timesteps.cpu().numpy()
-    groups, created = [], time.time()
+    groups, created, seeds = [], time.time(), samples.seeds
     for p, prompt in enumerate(prompts):
         gid = f"v{policy_version}-{prompt.task_id}-{p}-{seeds[p * g]}"
         group = []
         for j in range(g):
             b = p * g + j
             group.append(ScoredSegment(
-                gid, texts[b], prompt.context, frames[b], np.ascontiguousarray(latents[:, b]),
-                np.ascontiguousarray(log_probs[:, b]), timesteps, window, float(rewards[p, j]),
-                dict(verdicts[b].scores), policy_version, float(adv[p, j]), created,
-                {"noise_level": settings.noise_level, "guidance": settings.guidance,
+                gid, prompt.sub_action.text, prompt.context, samples.frames[b],
+                np.ascontiguousarray(samples.latents[:, b]), np.ascontiguousarray(samples.log_probs[:, b]),
+                samples.timesteps, samples.window, float(rewards[p, j]), dict(verdicts[b].scores),
+                policy_version, float(adv[p, j]), created,
+                {"noise_level": samples.noise_level, "guidance": samples.guidance,
                  "decision": verdicts[b].decision}))
         groups.append(group)
-    stats = {"prompts": len(prompts), "segments": len(texts), "degenerate_groups": int(degenerate.sum()),
-             "reward_mean": float(rewards.mean()), "sample_s": t_sample,
-             "critic_s": time.perf_counter() - t0 - t_sample,
+    stats = {"prompts": len(prompts), "segments": len(samples), "degenerate_groups": int(degenerate.sum()),
+             "reward_mean": float(rewards.mean()),
              **{f"score/{d}": float(scores[..., k].mean()) for k, d in enumerate(SCORE_DIMS)}}
+    return groups, stats
+
+
+def sample_groups(model, critic, prompts: Sequence[Prompt], settings: GroupSettings, weights: dict,
+                  aggregation: str, policy_version: int, rng: np.random.Generator
+                  ) -> tuple[list[list[ScoredSegment]], dict]:
+    """G SDE samples per prompt, scored; -> (groups of ScoredSegment, stats). In one process:
+    sample_sde, then the critic, then score_groups (the distributed driver runs them on actors)."""
+    samples = sample_sde(model, prompts, settings, rng)
+    t0 = time.perf_counter()
+    verdicts = critic.score_batch(*samples.critic_inputs())
+    groups, stats = score_groups(samples, verdicts, weights, aggregation, policy_version)
+    stats.update(sample_s=samples.seconds, critic_s=time.perf_counter() - t0)
     return groups, stats
 
 
@@ -118,7 +184,7 @@ def to_batch(records: Sequence[ScoredSegment], device: torch.device | str = "cpu
     latents = torch.from_numpy(np.stack([r.latents for r in records], axis=1)).to(device)  # (S + 1, B, ...)
     log_probs = torch.from_numpy(np.stack([r.log_probs for r in records], axis=1)).to(device)  # (S, B)
     traj = Trajectory(latents, log_probs, int(np.prod(latents.shape[2:])),
-                      torch.from_numpy(records[0].timesteps).to(device), levels.pop(), window, latents[-1])
+                      torch.from_numpy(np.array(records[0].timesteps)).to(device), levels.pop(), window, latents[-1])
     steps = list(range(*window))
     if train_steps and train_steps < len(steps):
         steps = sorted((rng or np.random.default_rng()).choice(steps, size=train_steps, replace=False).tolist())

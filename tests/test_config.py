@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from spiral_rl.config import (ConfigError, Config, ScoreDims, config_to_dict, load_config,
+from spiral_rl.config import (ConfigError, Config, ScoreDims, config_to_dict, grpo_batch_plan, load_config,
                               save_config, validate)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -47,6 +47,19 @@ def test_train_section_and_bf16_values():
     assert cfg.train.bf16 is True and cfg.train.zero_stage == 3 and cfg.model.guidance == 2.5
     assert load_config(["train.bf16=false"]).train.bf16 is False
     assert load_config([]).train.bf16 == "auto"
+
+
+def test_grpo_batch_plan_and_cluster_rules():
+    plan = grpo_batch_plan(load_config(["cluster.micro_batch=4", "grpo.window=4", "grpo.train_steps=2"]))
+    assert plan == {"prompts_per_iter": 8, "group_size": 4, "segments_per_learner_step": 32, "learner_ranks": 2,
+                    "per_rank_batch": 16, "micro_batch": 4, "micro_batches_per_rank": 4, "sde_window_steps": 4,
+                    "trained_steps_per_update": 2, "grad_accumulation": 8, "updates_per_iter": 1}
+    # the per-rank rules apply to the distributed learner only
+    local = load_config(["cluster.mode=local", "grpo.prompts_per_iter=3", "grpo.group_size=3"])
+    assert grpo_batch_plan(local)["per_rank_batch"] == 9 and grpo_batch_plan(local)["learner_ranks"] == 1
+    ci = load_config([str(CONFIGS / "grpo_ci.yaml")]), load_config([str(CONFIGS / "grpo_ray_ci.yaml")])
+    assert ci[0].cluster.mode == "local" and ci[1].cluster.mode == "ray" and ci[0].grpo == ci[1].grpo.__class__(
+        **{**dataclasses.asdict(ci[1].grpo), "checkpoint_every": ci[0].grpo.checkpoint_every})
 
 
 def test_sft_ci_overlay():
@@ -141,6 +154,15 @@ BAD_OVERRIDES = [
     (["world.frame_size=${nope}"], ["world.frame_size", "nope"]),
     (["frame_size"], ["'frame_size'", "key=value"]),
     (["--world.frame_size=64"], ["--world.frame_size=64", "dotted"]),
+    (["cluster.mode=swarm"], ["cluster.mode='swarm'", "local"]),
+    (["grpo.prompts_per_iter=3", "grpo.group_size=3"],
+     ["grpo.prompts_per_iter=3", "grpo.group_size=3", "9 segments", "cluster.learner_ranks=2"]),
+    (["cluster.micro_batch=3"], ["cluster.micro_batch=3", "per-rank batch of 16", "cluster.learner_ranks=2"]),
+    (["cluster.bf16=true"], ["cluster.bf16=true", "cluster.learner_gpus"]),
+    (["cluster.offload_optimizer=true", "cluster.zero_stage=0"], ["cluster.offload_optimizer", "cluster.zero_stage"]),
+    (["cluster.weight_sync=broadcast", "cluster.learner_gpus=1"],
+     ["cluster.weight_sync='broadcast'", "cluster.learner_gpus=1", "cluster.rollout_gpus=0"]),
+    (["cluster.learner_ranks=0"], ["cluster.learner_ranks=0", "[1, inf)"]),
 ]
 
 

@@ -44,6 +44,7 @@ def test_sft_trains_checkpoints_exports_and_evaluates(run_dir):
     assert record["val_loss"]["end"] < 0.9 * record["val_loss"]["start"]  # fixed-noise val loss fell
     assert record["train_loss"]["last"] < record["train_loss"]["first"]
     assert [r["step"] for r in record["history"]["train"]] == list(range(5, 31, 5))
+    assert [r["step"] for r in record["history"]["val"]] == [0, 20, 30]  # start, eval_every, end
     for scores in (record["scores"], record["ground_truth"]):
         assert scores["segments"] == record["segments"] > 0
         assert all(0.0 <= scores[d] <= 1.0 for d in ("action_completeness", "physical_fidelity",
