@@ -35,16 +35,17 @@ class WeightSyncError(RuntimeError):
     """The rollout side's weights do not match what the learner sent."""
 
 
-def bucket_names(named: Sequence[tuple[str, int]], bucket_bytes: int) -> list[list[str]]:
-    """Consecutive parameters grouped into buckets of at most bucket_bytes (fp32), one
-    parameter per bucket at least. named: (name, numel) in order."""
+def bucket_names(named: Sequence[tuple[str, int]], bucket_bytes: int, itemsize: int = 4) -> list[list[str]]:
+    """Consecutive parameters grouped into buckets of at most bucket_bytes (itemsize bytes per
+    value on the wire: 4 for fp32, 2 for bf16), one parameter per bucket at least.
+    named: (name, numel) in order."""
     buckets, cur, size = [], [], 0
     for name, numel in named:
-        if cur and size + 4 * numel > bucket_bytes:
+        if cur and size + itemsize * numel > bucket_bytes:
             buckets.append(cur)
             cur, size = [], 0
         cur.append(name)
-        size += 4 * numel
+        size += itemsize * numel
     return buckets + ([cur] if cur else [])
 
 
@@ -60,9 +61,9 @@ def bucket_stats(tensors: Sequence[torch.Tensor]) -> dict:
             "weighted": float((flat * w).sum())}
 
 
-def manifest(named: dict[str, torch.Tensor], bucket_bytes: int) -> dict:
+def manifest(named: dict[str, torch.Tensor], bucket_bytes: int, itemsize: int = 4) -> dict:
     """What a sync sends: parameter count, buckets (names + stats). named: name -> tensor, in order."""
-    buckets = bucket_names([(n, t.numel()) for n, t in named.items()], bucket_bytes)
+    buckets = bucket_names([(n, t.numel()) for n, t in named.items()], bucket_bytes, itemsize)
     return {"params": len(named), "numel": sum(t.numel() for t in named.values()),
             "buckets": [{"names": names, **bucket_stats([named[n] for n in names])} for names in buckets]}
 
@@ -109,7 +110,11 @@ def load_numpy_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -> di
 
 class BroadcastGroup:
     """A process group of the learner's rank 0 (group rank 0, the source) and N rollout workers
-    (group ranks 1..N), apart from the learners' own group. Gloo on CPU, NCCL on GPU."""
+    (group ranks 1..N), apart from the learners' own group. Gloo on CPU, NCCL on GPU.
+
+    wire_dtype (send and receive must agree): the dtype of the buckets on the wire. fp32 (the
+    default) carries fp32 master weights exactly; bf16 halves the bytes when both sides hold
+    bf16 weights (rollout models usually do). The manifest describes the values as sent."""
 
     def __init__(self, host: str, port: int, rank: int, size: int, device: torch.device, timeout_s: float = 300):
         timeout = datetime.timedelta(seconds=timeout_s)
@@ -123,23 +128,26 @@ class BroadcastGroup:
     def _bcast(self, t: torch.Tensor) -> None:
         self.pg.broadcast(t, 0).wait()
 
-    def send(self, named: dict[str, torch.Tensor], bucket_bytes: int) -> dict:
-        """Rank 0: broadcast the manifest, then each bucket as one flat fp32 buffer. Returns the manifest."""
-        man = manifest(named, bucket_bytes)
+    def send(self, named: dict[str, torch.Tensor], bucket_bytes: int,
+             wire_dtype: torch.dtype = torch.float32) -> dict:
+        """Rank 0: broadcast the manifest, then each bucket as one flat buffer of wire_dtype.
+        Returns the manifest."""
+        named = {n: t.detach().to(wire_dtype) for n, t in named.items()}  # no copy when already wire_dtype
+        man = manifest(named, bucket_bytes, wire_dtype.itemsize)
         header = torch.tensor([[b["numel"], b["sum"], b["sumsq"], b["weighted"]] for b in man["buckets"]],
                               dtype=torch.float64, device=self.device)  # (buckets, 4)
         self._bcast(torch.tensor([header.shape[0]], dtype=torch.int64, device=self.device))
         self._bcast(header)
         for b in man["buckets"]:
-            self._bcast(torch.cat([named[n].detach().reshape(-1).float().to(self.device) for n in b["names"]]))
+            self._bcast(torch.cat([named[n].reshape(-1).to(self.device) for n in b["names"]]))
         return man
 
-    def receive(self, model: torch.nn.Module, bucket_bytes: int) -> dict:
+    def receive(self, model: torch.nn.Module, bucket_bytes: int, wire_dtype: torch.dtype = torch.float32) -> dict:
         """Ranks 1..N: receive every bucket straight into the model's parameters, then verify
         them against the broadcast manifest (buckets are formed from the same names on both sides)."""
         t0 = time.perf_counter()
         params = dict(model.named_parameters())
-        names = bucket_names([(n, p.numel()) for n, p in params.items()], bucket_bytes)
+        names = bucket_names([(n, p.numel()) for n, p in params.items()], bucket_bytes, wire_dtype.itemsize)
         count = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._bcast(count)
         if int(count) != len(names):
@@ -149,7 +157,7 @@ class BroadcastGroup:
         self._bcast(header)
         with torch.no_grad():
             for bucket in names:
-                flat = torch.empty(sum(params[n].numel() for n in bucket), dtype=torch.float32, device=self.device)
+                flat = torch.empty(sum(params[n].numel() for n in bucket), dtype=wire_dtype, device=self.device)
                 self._bcast(flat)
                 off = 0
                 for n in bucket:

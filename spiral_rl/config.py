@@ -95,8 +95,16 @@ class ModelConfig:
     concat_context: bool = True
     # Recompute each DiT block's activations in backward: less memory, ~30% more compute.
     gradient_checkpointing: bool = False
-    # Attention kernel: 'auto' picks flash-attn when installed and usable, else torch SDPA.
-    attn_backend: str = param("auto", choices=("auto", "flash_attn", "sdpa", "math"))
+    # Attention kernel: 'auto' is torch SDPA with cuDNN first on Hopper GPUs, else flash-attn when
+    # installed and usable, else torch SDPA; 'cudnn' pins SDPA to cuDNN (CUDA only).
+    attn_backend: str = param("auto", choices=("auto", "flash_attn", "sdpa", "cudnn", "math"))
+    # torch.compile each DiT block: fuses the fp32 norms / modulation / RoPE between the matmuls
+    # (a 5B learner step on an H100: benchmarks/RESULTS.md). Compiles at the first call (GPU).
+    compile: bool = False
+    # Keep the DiT's residual stream in fp32 (Wan's original numerics). false: store it in the
+    # weights' dtype, each add still computed in fp32 (diffusers' Wan); in bf16 that halves its
+    # memory traffic and activation memory (benchmarks/RESULTS.md).
+    fp32_residual: bool = True
     # World-model checkpoint (a world_model.pt file, or a dir holding one) to start from;
     # '' = random init. launch/sft.py writes one to <run.output_dir>/world_model.pt.
     pretrained_path: str = ""

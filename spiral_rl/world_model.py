@@ -81,7 +81,8 @@ class WorldModel(nn.Module):
                                       "VAE latents; WorldModel wraps the pixel presets (tiny, small) so far")
         self.cfg, self.num_frames, self.context_frames = cfg, int(num_frames), int(context_frames)
         self.dit = build_model(cfg.preset, patch_size=cfg.patch_size, attn_backend=cfg.attn_backend,
-                               gradient_checkpointing=cfg.gradient_checkpointing,
+                               gradient_checkpointing=cfg.gradient_checkpointing, compile=cfg.compile,
+                               fp32_residual=cfg.fp32_residual,
                                in_channels=6 if cfg.concat_context else 3)  # RGB (+ reference RGB)
         self.text = build_text_encoder(cfg.preset, max_len=cfg.max_text_len)
 

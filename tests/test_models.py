@@ -137,6 +137,23 @@ def test_tiny_model_overfits_one_batch(world_cfg):
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
+def test_residual_dtype_option():
+    """fp32_residual=False stores the residual in the weights' dtype: identical in fp32, and in
+    bf16 the same function to bf16 rounding (each add is still computed in fp32)."""
+    x, t, text = torch.randn(1, 3, 2, 8, 8), torch.tensor([0.5]), torch.randn(1, 4, 16)
+    model = small_dit()
+    torch.nn.init.normal_(model.head.proj.weight, std=0.1)
+    with torch.no_grad():
+        ref = model(x, t, text)
+        model.fp32_residual = False
+        torch.testing.assert_close(model(x, t, text), ref)
+        low = model.to(torch.bfloat16)(x, t, text)
+        model.fp32_residual = True
+        high = model(x, t, text)
+    assert (low - high).norm() < 2e-2 * high.norm()
+    assert DiTConfig(fp32_residual=False).fp32_residual is False
+
+
 def test_bf16_weights_forward_keeps_fp32_residual():
     model = small_dit()
     x, t, text = torch.randn(1, 3, 2, 8, 8), torch.tensor([0.5]), torch.randn(1, 4, 16)
