@@ -37,7 +37,9 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -258,7 +260,11 @@ def draw_steps(window: tuple[int, int], train_steps: int, rng: np.random.Generat
 
 
 def plot_rewards(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU image may lack it; metrics.jsonl holds the same curves
+        print(f"matplotlib is not installed: {path.name} not drawn (metrics.jsonl has the curves)", flush=True)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -276,7 +282,7 @@ def plot_rewards(rows: list[dict], path: Path) -> None:
 
 class Checkpoints:
     """checkpoints/learner/<tag>/ (the learner's own format), checkpoints/driver-<tag>.json
-    (iteration, task cursor, rng, replay position, first eval), checkpoints/latest.json (written
+    (iteration, task cursor, replay position, first eval), checkpoints/latest.json (written
     last, atomically: a checkpoint exists once it is named there). Keeps the newest KEEP_CHECKPOINTS."""
 
     def __init__(self, out: Path):
@@ -344,10 +350,36 @@ def main(argv: list[str]) -> int:
         stages.shutdown()
 
 
+def produce(cfg, stages, group, weights, it: int, task_index: int, version: int) -> dict:
+    """Iteration `it`'s data: closed-loop episodes -> prompts -> SDE groups -> critic -> replay.
+    Seeded per iteration ([run.seed, it]), so a pipelined run, a resumed run and a plain run draw
+    the same prompts, windows and noise. `version`: updates applied to the weights that sample."""
+    g, rng = cfg.grpo, np.random.default_rng([cfg.run.seed, it])
+    times = {}
+    t0 = time.perf_counter()
+    found, ep = stages.episodes(task_index, rng.integers(0, 2**31, size=g.episodes_per_iter).tolist())
+    prompts, repeats = choose_prompts(found, g.prompts_per_iter, rng)
+    times["rollout"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    samples = stages.sample(prompts, draw_window(group, rng), int(rng.integers(2**31)))
+    times["sample"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    verdicts = stages.score(samples)
+    groups, stats = score_groups(samples, verdicts, weights, cfg.reward.aggregation, version)
+    times["critic"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    stages.store(groups)
+    times["replay"] = time.perf_counter() - t0
+    return {"groups": groups, "stats": stats, "window": samples.window, "found": len(found), "repeats": repeats,
+            "episodes": ep, "times": times, "version": version}
+
+
 def run(cfg, stages, out: Path, ckpts: Checkpoints, resume: dict | None) -> int:
     g = cfg.grpo
     print(stages.describe(), flush=True)
-    rng = np.random.default_rng(cfg.run.seed)
     weights = {d: getattr(cfg.reward.weights, d) for d in SCORE_DIMS}
     group = group_settings(cfg)
     try:
@@ -367,7 +399,6 @@ def run(cfg, stages, out: Path, ckpts: Checkpoints, resume: dict | None) -> int:
 
     if resume:
         state = ckpts.load(stages)
-        rng.bit_generator.state = state["rng"]
         rows = keep_rows(out / "metrics.jsonl", state["iteration"])
         keep_rows(out / "eval.jsonl", state["iteration"])
         first, start, task_index = state["first_eval"], state["iteration"] + 1, state["task_index"]
@@ -384,48 +415,58 @@ def run(cfg, stages, out: Path, ckpts: Checkpoints, resume: dict | None) -> int:
 
     def checkpoint(iteration: int) -> None:
         tag = ckpts.save(stages, iteration, {"iteration": iteration, "task_index": task_index,
-                                             "rng": rng.bit_generator.state, "first_eval": first,
+                                             "first_eval": first,
                                              "replay_records": stages.replay_stats()["records"]})
         print(f"checkpoint {tag} -> {ckpts.dir}", flush=True)
 
+    # One-step-off-policy pipelining (grpo.pipeline): iteration it+1's rollouts run on the rollout
+    # workers, with the weights that sampled iteration it, while the learner trains on iteration
+    # it. The lock makes the lag exactly one update: the weight sync after learning waits until
+    # that rollout is done, so no rollout mixes two weight versions.
+    pool = ThreadPoolExecutor(1) if g.pipeline else None
+    worker_lock = threading.Lock()
+
+    def produce_locked(it: int, index: int, version: int) -> dict:
+        with worker_lock:
+            return produce(cfg, stages, group, weights, it, index, version)
+
+    pending = None
     for it in range(start, g.iterations + 1):
-        times, t_iter = dict.fromkeys(STAGES, 0.0), time.perf_counter()
-        t0 = time.perf_counter()
-        seeds = rng.integers(0, 2**31, size=g.episodes_per_iter).tolist()
-        found, ep = stages.episodes(task_index, seeds)
+        t_iter = time.perf_counter()
+        if pending is None:  # the first iteration, or not pipelined: produce now, on-policy
+            pending = pool.submit(produce_locked, it, task_index, it - 1) if pool else None
+            data = pending.result() if pool else produce(cfg, stages, group, weights, it, task_index, it - 1)
+        else:
+            data = pending.result()
         task_index += g.episodes_per_iter
-        prompts, repeats = choose_prompts(found, g.prompts_per_iter, rng)
-        times["rollout"] = time.perf_counter() - t0
+        pending = (pool.submit(produce_locked, it + 1, task_index, it - 1)
+                   if pool and it < g.iterations else None)
+        lag = (it - 1) - data["version"]  # updates between the sampling weights and the learner's
 
-        t0 = time.perf_counter()
-        samples = stages.sample(prompts, draw_window(group, rng), int(rng.integers(2**31)))
-        times["sample"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        verdicts = stages.score(samples)
-        groups, stats = score_groups(samples, verdicts, weights, cfg.reward.aggregation, it)
-        times["critic"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        stages.store(groups)
-        times["replay"] = time.perf_counter() - t0
-
+        times = {**dict.fromkeys(STAGES, 0.0), **data["times"]}
+        groups, stats = data["groups"], data["stats"]
+        step_rng = np.random.default_rng([cfg.run.seed, it, 1])
         t0 = time.perf_counter()
         records = [r for grp in groups for r in grp]
         upd: dict = {}
         if any(r.advantage != 0 for r in records):  # else every group is degenerate: nothing to learn
             for u in range(g.updates_per_iter):
-                upd = stages.learn(records, draw_steps(samples.window, g.train_steps, rng), check_ratio=(u == 0))
+                # rho == 1 holds only on-policy; a lagged batch's first ratio is the off-policy correction
+                upd = stages.learn(records, draw_steps(data["window"], g.train_steps, step_rng),
+                                   check_ratio=(u == 0 and lag == 0))
             times["learner"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            stages.sync(it)
+            with worker_lock:
+                stages.sync(it)
             times["sync"] = time.perf_counter() - t0
 
         elapsed = time.perf_counter() - t_iter
-        row = {"iteration": it, **stats, "prompts_found": len(found), "prompts_repeated": repeats,
-               **{f"loss/{k}": v for k, v in upd.items()},
+        ep = data["episodes"]
+        row = {"iteration": it, **stats, "prompts_found": data["found"], "prompts_repeated": data["repeats"],
+               "policy_lag": lag, **{f"loss/{k}": v for k, v in upd.items()},
                "episode_success": float(np.mean(ep["success"])), "attempts_per_step": float(np.mean(ep["attempts"])),
-               **{f"time/{k}": round(v, 3) for k, v in times.items()}, "segments_per_s": stats["segments"] / elapsed}
+               **{f"time/{k}": round(v, 3) for k, v in times.items()}, "time/iteration": round(elapsed, 3),
+               "segments_per_s": stats["segments"] / elapsed}
         rows.append(row)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -439,11 +480,15 @@ def run(cfg, stages, out: Path, ckpts: Checkpoints, resume: dict | None) -> int:
               + " ".join(f"{d[:8]} {stats[f'score/{d}']:.2f}" for d in SCORE_DIMS)
               + f" | success {row['episode_success']:.2f} | degenerate {stats['degenerate_groups']}/{stats['prompts']}"
               + f" | ratio0 {upd.get('first_ratio_max_dev', float('nan')):.1e} clip {upd.get('clip_frac', 0):.2f}"
-              + f" | {row['segments_per_s']:.2f} seg/s | {split}", flush=True)
+              + f" | {row['segments_per_s']:.2f} seg/s | {split} | wall {elapsed:.1f}s", flush=True)
         if g.eval_every and it % g.eval_every == 0 and it != g.iterations:
+            if pending is not None:  # evaluate the learner's weights, not mid-rollout: let it finish
+                pending.result()
             run_eval(it)
         if g.checkpoint_every and it % g.checkpoint_every == 0 and it != g.iterations:
             checkpoint(it)
+    if pool:
+        pool.shutdown()
 
     last = run_eval(g.iterations)
     if start <= g.iterations:

@@ -217,6 +217,9 @@ class GRPOConfig:
     checkpoint_every: int = param(10, range="[0, inf)")
     # Continue from the latest checkpoint in run.output_dir (else that dir must hold none).
     resume: bool = False
+    # One-step-off-policy pipelining (cluster.mode=ray): iteration n+1's rollouts run while the learner
+    # trains on iteration n; the importance ratio (clipped) corrects the one-update lag.
+    pipeline: bool = False
 
 
 @dataclass
@@ -324,6 +327,9 @@ def _cross_field_errors(c: Config) -> list[str]:
         errors.append(f"train.bf16={c.train.bf16!r} must be 'auto', true or false")
     if c.planner.kind == "llm" and not c.planner.model_path:
         errors.append("planner.model_path='' must name a local model dir when planner.kind='llm'")
+    if c.grpo.pipeline and c.cluster.mode != "ray":
+        errors.append("grpo.pipeline=true overlaps rollout workers with the learner group: it needs cluster.mode='ray' "
+                      "(cluster.mode='local' shares one model between them)")
     if c.cluster.mode == "ray":
         errors += _cluster_errors(c)
     return errors

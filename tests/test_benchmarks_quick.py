@@ -58,3 +58,20 @@ def test_quick_mode_never_replaces_gpu_results():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "attention_quick.json" in proc.stdout
     assert (result.read_bytes() if result.exists() else None) == before
+
+
+def test_distributed_quick_runs_the_three_driver_configurations(tmp_path):
+    """benchmarks/distributed.py gpu --quick: the 1-GPU, 2-GPU and pipelined driver runs on CPU
+    (local Ray, tiny model), summarised into the distributed_gpu and e2e records (~1 min)."""
+    pytest.importorskip("ray")
+    out = tmp_path / "distributed_gpu.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "distributed.py"), "gpu", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["metrics"]
+    assert set(runs) == {"one_gpu", "two_gpu", "two_gpu_pipelined"}
+    for r in runs.values():
+        assert r["iterations"] == 2 and r["samples_per_s"] > 0
+        assert sum(r["stage_share"].values()) > 0.5  # the timed stages account for the iteration (overlap: > 1)
+    e2e = json.loads((tmp_path / "e2e.json").read_text())["metrics"]
+    assert e2e["two_gpu_speedup"] > 0 and e2e["gpu_busy_fraction"] is None  # no GPU on CPU

@@ -163,6 +163,7 @@ BAD_OVERRIDES = [
     (["cluster.weight_sync=broadcast", "cluster.learner_gpus=1"],
      ["cluster.weight_sync='broadcast'", "cluster.learner_gpus=1", "cluster.rollout_gpus=0"]),
     (["cluster.learner_ranks=0"], ["cluster.learner_ranks=0", "[1, inf)"]),
+    (["grpo.pipeline=true", "cluster.mode=local"], ["grpo.pipeline=true", "cluster.mode='ray'"]),
 ]
 
 

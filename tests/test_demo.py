@@ -1,4 +1,4 @@
-"""The closed-loop demo (the README's main job until launch/grpo.py exists) end to end (CPU)."""
+"""The closed-loop demo (launch/demo.py, the scripted stand-in generator) end to end (CPU)."""
 import json
 import sys
 from pathlib import Path

@@ -119,3 +119,23 @@ def test_ray_job_submit_trains_checkpoints_and_resumes(cluster, tmp_path):
     assert [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert json.loads((ckpt / "latest.json").read_text())["tag"] == "iter000003"
     assert sorted(p.name for p in (ckpt / "learner").glob("iter*")) == ["iter000002", "iter000003"]  # newest 2 kept
+
+
+def test_pipelined_job_trains_one_update_off_policy(cluster, tmp_path):
+    """grpo.pipeline=true: iteration n+1's rollouts overlap iteration n's learner step, so every
+    batch after the first was sampled one update behind the learner (policy_lag 1), the update
+    runs with the ratio correcting that lag, and the run finishes as the on-policy one does."""
+    address, env = cluster
+    torch.manual_seed(0)
+    WorldModel.from_config(load_config([])).save(tmp_path / "init" / "world_model.pt")
+    out = tmp_path / "run"
+    succeeded, logs = submit(address, env, f"model.pretrained_path={tmp_path / 'init'}", f"run.output_dir={out}",
+                             "grpo.pipeline=true", "grpo.iterations=3", "grpo.checkpoint_every=0")
+    assert succeeded, logs[-5000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    assert [r["policy_lag"] for r in rows] == [0, 1, 1]
+    if "loss/first_ratio_max_dev" in rows[0]:
+        assert rows[0]["loss/first_ratio_max_dev"] < 1e-3  # on-policy: checked to be 1
+    assert json.loads((out / "summary.json").read_text())["replay"]["records"] == 18
+    WorldModel.load(out / "world_model.pt")
