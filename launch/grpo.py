@@ -23,9 +23,11 @@ Single controller: this driver owns the iteration and times each stage,
     sync      learner weights -> rollout workers, verified on arrival (cluster.mode=ray)
     eval      every grpo.eval_every iterations: open-loop / plan-only / SPIRAL on val tasks
 
-cluster.mode=local runs every stage in this process (GRPOLearner); cluster.mode=ray runs them on
-actors (actors/): N RolloutWorkers, M CriticServers, one ReplayStoreActor and a LearnerGroup of
-K DeepSpeed ranks. With no cluster address it starts a local Ray; under `ray job submit` it joins.
+The stages (actors/stages.py): cluster.mode=local runs every one in this process (GRPOLearner);
+cluster.mode=ray runs them on actors: N RolloutWorkers, M CriticServers, one ReplayStoreActor and
+a LearnerGroup of K DeepSpeed ranks. With no cluster address it starts a local Ray; under
+`ray job submit` it joins. grpo.pipeline=true overlaps iteration n+1's rollout with iteration n's
+learner step (one update off-policy).
 
 Writes into run.output_dir: config.yaml, metrics.jsonl (one line per iteration), tb/ (TensorBoard),
 eval.jsonl, replay/, checkpoints/ (learner, driver state; latest.json names the newest),
@@ -43,181 +45,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from actors.replay import ReplayStoreActor
-from actors.rollout import RolloutWorker, group_settings, merge_evaluations
-from spiral_rl.agents.critic import CriticAgent
+from actors.rollout import group_settings
+from actors.stages import LocalStages, RayStages
 from spiral_rl.config import config_to_dict, grpo_batch_plan, load_config_or_exit, save_config
 from spiral_rl.evaluate import format_table
-from spiral_rl.grpo import GRPOLearner, GRPOSettings
 from spiral_rl.records import SCORE_DIMS
-from spiral_rl.rollout import Samples, draw_window, score_groups, to_batch
-from spiral_rl.world_model import WorldModel
+from spiral_rl.rollout import draw_window, score_groups
 
 STAGES = ("rollout", "sample", "critic", "replay", "learner", "sync")
 KEEP_CHECKPOINTS = 2
-
-
-# --------------------------------------------------------------------------- stages: in one process
-
-
-class LocalStages:
-    """Every stage in this process: the rollout worker shares the learner's model (no sync)."""
-
-    def __init__(self, cfg, out: Path):
-        torch.manual_seed(cfg.run.seed)
-        self.cfg, self.model = cfg, WorldModel.from_config(cfg)
-        self.worker = RolloutWorker(cfg, model=self.model)
-        self.critic = CriticAgent.from_config(cfg)
-        self.replay = ReplayStoreActor(str(out / "replay"), cfg.grpo.replay_capacity)
-        self.learner = GRPOLearner(self.model, GRPOSettings.from_config(cfg), lr=cfg.grpo.lr)
-
-    def describe(self) -> str:
-        return "in-process: rollout, critic, replay and GRPOLearner share this process and one model"
-
-    def episodes(self, start: int, seeds: list[int]):
-        return self.worker.episodes("train", start, seeds)
-
-    def sample(self, prompts, window, seed: int):
-        return self.worker.sample(prompts, window, seed)
-
-    def score(self, samples):
-        return self.critic.score_batch(*samples.critic_inputs())
-
-    def store(self, groups) -> None:
-        self.replay.append_groups(groups)
-
-    def learn(self, records, steps, check_ratio: bool) -> dict:
-        batch = to_batch(records, self.model.device)
-        batch.steps = steps
-        return self.learner.update(batch, check_ratio=check_ratio)
-
-    def sync(self, version: int) -> dict:
-        return {}  # one model
-
-    def evaluate(self, split: str, count: int, seed: int) -> dict:
-        return self.worker.evaluate(split, 0, count, seed)
-
-    def replay_stats(self) -> dict:
-        return self.replay.stats()
-
-    def replay_line(self) -> str:
-        return self.replay.log_line()
-
-    def save(self, directory: Path, tag: str, client_state: dict) -> None:
-        (directory / tag).mkdir(parents=True, exist_ok=True)
-        torch.save({"model": self.model.state_dict(), "optimizer": self.learner.optimizer.state_dict(),
-                    "client_state": client_state}, directory / tag / "learner.pt")
-
-    def load(self, directory: Path, tag: str) -> None:
-        ckpt = torch.load(directory / tag / "learner.pt", map_location="cpu", weights_only=True)
-        self.model.load_state_dict(ckpt["model"])
-        self.learner.optimizer.load_state_dict(ckpt["optimizer"])
-
-    def final_model(self):
-        return self.model
-
-    def shutdown(self) -> None:
-        self.replay.close()
-
-
-# --------------------------------------------------------------------------- stages: on Ray actors
-
-
-class RayStages:
-    """The same stages over actors (see actors/): the driver only moves numpy records and refs."""
-
-    def __init__(self, cfg, out: Path):
-        import ray  # after set_local_env: Ray reads its environment at import
-        from actors.cluster import on_this_node, options, place, start_ray
-        from actors.critic import CriticPool, CriticServer
-        from actors.learner import LearnerGroup
-        self.ray, self.cfg, k = ray, cfg, cfg.cluster
-        print(start_ray(cfg), flush=True)
-        self.pg, where = place(cfg)
-        d = config_to_dict(cfg)
-        self.workers = [ray.remote(RolloutWorker).options(**options(self.pg, b, k.rollout_cpus, k.rollout_gpus))
-                        .remote(d, i) for i, b in enumerate(where["rollout"])]
-        self.critics = [ray.remote(CriticServer).options(**options(self.pg, b, k.critic_cpus)).remote(d)
-                        for b in where["critic"]]
-        self.replay = ray.remote(ReplayStoreActor).options(**on_this_node()).remote(
-            str(out / "replay"), cfg.grpo.replay_capacity)
-        self.learners = LearnerGroup(cfg, self.pg, where["learner"])
-        self.pool = CriticPool(self.critics, k.critic_timeout_s, k.critic_retries)
-        # auto: broadcast between whole GPUs (NCCL needs a device per process), else the object store
-        self.learners.connect(self.workers, k.weight_sync if k.weight_sync != "auto" else (
-            "broadcast" if k.learner_gpus >= 1 and k.rollout_gpus >= 1 else "object_store"))
-
-    def describe(self) -> str:
-        k, info = self.cfg.cluster, self.learners.info[0]
-        return (f"actors: {len(self.workers)} rollout worker(s), {len(self.critics)} critic server(s), 1 replay store, "
-                f"{k.learner_ranks} learner rank(s) on {info['device']} (ZeRO-{k.zero_stage}, "
-                f"{'NCCL' if k.learner_gpus else 'gloo'}, bf16={k.bf16}, offload={k.offload_optimizer}, "
-                f"{info['params']:,} params); placement {k.placement}; weight sync: {self.learners.sync_mode}")
-
-    @staticmethod
-    def _split(n: int, parts: int) -> list[tuple[int, int]]:
-        """Contiguous (start, stop) ranges of n items over `parts`, sizes differing by at most one."""
-        bounds = np.linspace(0, n, parts + 1).round().astype(int)
-        return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-
-    def episodes(self, start: int, seeds: list[int]):
-        parts = self.ray.get([w.episodes.remote("train", start + a, seeds[a:b])
-                              for w, (a, b) in zip(self.workers, self._split(len(seeds), len(self.workers)))])
-        return ([p for prompts, _ in parts for p in prompts],
-                {k: [x for _, s in parts for x in s[k]] for k in ("success", "attempts")})
-
-    def sample(self, prompts, window, seed: int):
-        parts = self._split(len(prompts), len(self.workers))
-        return Samples.concat(self.ray.get([w.sample.remote(prompts[a:b], window, seed + i)
-                                            for i, (w, (a, b)) in enumerate(zip(self.workers, parts))]))
-
-    def score(self, samples):
-        return self.pool.score(samples)
-
-    def store(self, groups) -> None:
-        self.ray.get(self.replay.append_groups.remote(groups))  # acknowledged = durable
-
-    def learn(self, records, steps, check_ratio: bool) -> dict:
-        return self.learners.update(records, steps, check_ratio)
-
-    def sync(self, version: int) -> dict:
-        return self.learners.sync(version)
-
-    def evaluate(self, split: str, count: int, seed: int) -> dict:
-        parts = self._split(count, len(self.workers))
-        return merge_evaluations(self.ray.get([w.evaluate.remote(split, a, b - a, seed)
-                                               for w, (a, b) in zip(self.workers, parts)]))
-
-    def replay_stats(self) -> dict:
-        return self.ray.get(self.replay.stats.remote())
-
-    def replay_line(self) -> str:
-        return self.ray.get(self.replay.log_line.remote())
-
-    def save(self, directory: Path, tag: str, client_state: dict) -> None:
-        self.learners.save(str(directory), tag, client_state)
-
-    def load(self, directory: Path, tag: str) -> None:
-        self.learners.load(str(directory), tag)
-
-    def final_model(self):
-        state, _ = self.learners.gather_state()
-        model = WorldModel.from_config(self.cfg)
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in self.ray.get(state).items()})
-        return model
-
-    def shutdown(self) -> None:
-        ray = self.ray
-        try:
-            ray.get(self.replay.close.remote())
-        finally:
-            for a in [*self.workers, *self.critics, self.replay]:
-                ray.kill(a)
-            self.learners.shutdown()
-            ray.util.remove_placement_group(self.pg)
-            ray.shutdown()
 
 
 # --------------------------------------------------------------------------- the driver
