@@ -129,14 +129,18 @@ def main() -> int:
     runs = {"one_gpu": g(0.5), "two_gpu": g(1), "two_gpu_pipelined": [*g(1), "grpo.pipeline=true"]}
     sampler = GPUSampler() if gpu else None
     iters = args.iterations or (6 if gpu else 2)
+    device = torch.cuda.get_device_name(0) if gpu else "CPU (--quick: logic only)"
+    config = {"preset": preset, "common_overrides": common, "runs": runs}
+    res: dict = {}
     try:
-        res = {name: run_driver(name, common + extra, tmp / name, sampler, iters) for name, extra in runs.items()}
+        for name, extra in runs.items():
+            res[name] = run_driver(name, common + extra, tmp / name, sampler, iters)
+            # written after every configuration: a run cut short (time or device budget) keeps what it measured
+            write_record("distributed_gpu", device, config, {**res, "complete": len(res) == len(runs)},
+                         args.quick, args.out)
     finally:
         if sampler:
             sampler.stop()
-    device = torch.cuda.get_device_name(0) if gpu else "CPU (--quick: logic only)"
-    config = {"preset": preset, "common_overrides": common, "runs": runs}
-    write_record("distributed_gpu", device, config, res, args.quick, args.out)
     one, two = res["one_gpu"], res["two_gpu_pipelined"]
     e2e = {"gpu_busy_fraction": (one.get("gpu_busy") or {}).get(0),
            "two_gpu_speedup": round(two["samples_per_s"] / one["samples_per_s"], 3),

@@ -69,6 +69,7 @@ def test_distributed_quick_runs_the_three_driver_configurations(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = json.loads(out.read_text())["metrics"]
+    assert runs.pop("complete") is True
     assert set(runs) == {"one_gpu", "two_gpu", "two_gpu_pipelined"}
     for r in runs.values():
         assert r["iterations"] == 2 and r["samples_per_s"] > 0
