@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from spiral_rl.replay import HEADER, CorruptRecordError, ReplayStore, ScoredSegment
+from spiral_rl.replay import CorruptRecordError, ReplayStore, ScoredSegment
+from spiral_rl.replay_format import HEADER
 
 
 def make_record(i: int, group: str = "g", version: int = 0, steps: int = 4, size: int = 8) -> ScoredSegment:
@@ -226,10 +227,10 @@ def test_partial_record_then_exit_in_child(tmp_path):
     path = str(tmp_path / "store")
     code = (f"import sys, os; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
             "from test_replay import make_record\n"
-            "from spiral_rl.replay import ReplayStore, _encode\n"
+            "from spiral_rl.replay import ReplayStore\nfrom spiral_rl.replay_format import encode\n"
             f"s = ReplayStore({path!r})\n"
             "print(*s.append_many([make_record(i) for i in range(3)]), flush=True)\n"
-            "blob = _encode(make_record(3), 3)\n"
+            "blob = encode(make_record(3), 3)\n"
             "os.write(s._w, blob[:len(blob) // 2]); os._exit(0)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["0", "1", "2"]
