@@ -24,11 +24,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 H100_BF16_DENSE_FLOPS = 989e12
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.machine())
+    except OSError:
+        return platform.machine()
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()} CPU, torch {torch.__version__}"
+    return f"{cpu_name()} CPU, torch {torch.__version__}"
 
 
 def sync(device: torch.device) -> None:

@@ -32,14 +32,9 @@ from spiral_rl.world.corruptions import CORRUPTIONS, corrupt  # noqa: E402
 from spiral_rl.world.dataset import ground_truth_segment  # noqa: E402
 from spiral_rl.world.tasks import TaskSampler  # noqa: E402
 
+from _common import cpu_name  # noqa: E402 (benchmarks/, first on sys.path)
+
 RESULTS = Path(__file__).resolve().parent / "results" / "critic.json"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def build(cfg, n_tasks: int):
@@ -118,7 +113,7 @@ def main() -> None:
           f"{metrics['segments_per_s_unbatched']:.0f} segments/s one at a time")
 
     record = {"command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
-              "device": f"{cpu_model()}, 1 core",
+              "device": f"{cpu_name()}, 1 core",
               "date": datetime.date.today().isoformat(),
               "config": {"frame_size": w.frame_size, "segment_frames": w.segment_frames, "tasks": n_tasks,
                          "batch": args.batch},

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_record  # noqa: E402
+from _common import cpu_name, write_record  # noqa: E402
 
 STAGES = ("rollout", "sample", "critic", "replay", "learner", "sync")
 
@@ -102,8 +102,7 @@ def main() -> int:
     if args.where == "cpu":
         res = run_driver("embedded default", [str(ROOT / "configs" / "grpo_tiny.yaml")], tmp / "cpu", None,
                          args.iterations or 10)
-        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "CPU")
-        write_record("distributed_cpu", f"{cpu}, {os.cpu_count()} cores (local Ray, gloo)", {"config": "configs/grpo_tiny.yaml"}, res,
+        write_record("distributed_cpu", f"{cpu_name()}, {os.cpu_count()} cores (local Ray, gloo)", {"config": "configs/grpo_tiny.yaml"}, res,
                      args.quick, args.out)
         return 0
 

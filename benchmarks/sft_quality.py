@@ -11,7 +11,6 @@ bar: mean action_completeness >= 0.6 and physical_fidelity >= 0.8.
 """
 import datetime
 import json
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -23,6 +22,8 @@ from spiral_rl.config import load_config_or_exit
 from spiral_rl.evaluate import score_examples, summarise_rows
 from spiral_rl.world.dataset import SegmentDataset
 from spiral_rl.world_model import WorldModel
+
+from _common import cpu_name  # benchmarks/ is first on sys.path
 
 BAR = {"action_completeness": 0.6, "physical_fidelity": 0.8}
 
@@ -38,9 +39,7 @@ def main(argv: list[str]) -> int:
         rows = score_examples(model, val, critic, 16, cfg.world.context_frames)
     scores = summarise_rows(rows)
     by_verb = {v: summarise_rows([r for r in rows if r["verb"] == v]) for v in sorted({r["verb"] for r in rows})}
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.machine())
-    device = f"{cpu} (sampling and scoring; where the checkpoint was trained: checkpoints/README.md or its run)"
+    device = f"{cpu_name()} (sampling and scoring; where the checkpoint was trained: checkpoints/README.md or its run)"
     record = {"command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/sft_quality.py", *argv]),
               "device": device, "date": datetime.date.today().isoformat(),
               "metrics": {"checkpoint": ckpt_path, "sample_steps": model.cfg.sample_steps, "shift": model.cfg.shift,

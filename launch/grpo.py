@@ -187,11 +187,12 @@ def main(argv: list[str]) -> int:
         stages.shutdown()
 
 
-def produce(cfg, stages, group, weights, it: int, task_index: int, version: int) -> dict:
+def produce(cfg, stages, it: int, task_index: int, version: int) -> dict:
     """Iteration `it`'s data: closed-loop episodes -> prompts -> SDE groups -> critic -> replay.
     Seeded per iteration ([run.seed, it]), so a pipelined run, a resumed run and a plain run draw
     the same prompts, windows and noise. `version`: updates applied to the weights that sample."""
     g, rng = cfg.grpo, np.random.default_rng([cfg.run.seed, it])
+    weights = {d: getattr(cfg.reward.weights, d) for d in SCORE_DIMS}
     times = {}
     t0 = time.perf_counter()
     found, ep = stages.episodes(task_index, rng.integers(0, 2**31, size=g.episodes_per_iter).tolist())
@@ -199,7 +200,7 @@ def produce(cfg, stages, group, weights, it: int, task_index: int, version: int)
     times["rollout"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    samples = stages.sample(prompts, draw_window(group, rng), int(rng.integers(2**31)))
+    samples = stages.sample(prompts, draw_window(group_settings(cfg), rng), int(rng.integers(2**31)))
     times["sample"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -217,8 +218,6 @@ def produce(cfg, stages, group, weights, it: int, task_index: int, version: int)
 def run(cfg, stages, out: Path, ckpts: Checkpoints, resume: dict | None) -> int:
     g = cfg.grpo
     print(stages.describe(), flush=True)
-    weights = {d: getattr(cfg.reward.weights, d) for d in SCORE_DIMS}
-    group = group_settings(cfg)
     try:
         from torch.utils.tensorboard import SummaryWriter
         tb = SummaryWriter(str(out / "tb"))
@@ -265,16 +264,14 @@ def run(cfg, stages, out: Path, ckpts: Checkpoints, resume: dict | None) -> int:
 
     def produce_locked(it: int, index: int, version: int) -> dict:
         with worker_lock:
-            return produce(cfg, stages, group, weights, it, index, version)
+            return produce(cfg, stages, it, index, version)
 
     pending = None
     for it in range(start, g.iterations + 1):
         t_iter = time.perf_counter()
-        if pending is None:  # the first iteration, or not pipelined: produce now, on-policy
-            pending = pool.submit(produce_locked, it, task_index, it - 1) if pool else None
-            data = pending.result() if pool else produce(cfg, stages, group, weights, it, task_index, it - 1)
-        else:
-            data = pending.result()
+        # pending: this iteration's data, produced during the last one; else (the first iteration,
+        # or not pipelined) produce it now, on-policy
+        data = pending.result() if pending else produce_locked(it, task_index, it - 1)
         task_index += g.episodes_per_iter
         pending = (pool.submit(produce_locked, it + 1, task_index, it - 1)
                    if pool and it < g.iterations else None)
