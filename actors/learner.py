@@ -18,12 +18,11 @@ deviation, so all ranks refuse together instead of one rank leaving the others i
 
 The engine wraps `PolicyStep`, a module whose forward is one step's loss, so ZeRO-3 gathers the
 world model's partitioned weights inside a forward, as it expects. The frozen reference is a full
-copy on every rank. Checkpoints are DeepSpeed's, with an explicit tag (never "latest": DeepSpeed
-writes a file of that name pointing to the newest tag).
+copy on every rank (none when grpo.kl_coef is 0). Checkpoints are DeepSpeed's, with an explicit
+tag (never "latest": DeepSpeed writes a file of that name pointing to the newest tag).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import socket
@@ -39,11 +38,11 @@ from torch import nn
 
 from actors.weight_sync import BroadcastGroup, manifest
 from spiral_rl.config import grpo_batch_plan, validate
-from spiral_rl.grpo import GRPOSettings, check_batch, check_first_ratio, step_loss
+from spiral_rl.grpo import GRPOSettings, check_batch, check_first_ratio, make_reference, step_loss
 from spiral_rl.rollout import to_batch
 from spiral_rl.world_model import WorldModel
 
-MAX_STATS = ("ratio_max_dev", "first_ratio_max_dev")  # combined over ranks by max, the rest by mean
+MAX_STATS = ("ratio_max_dev", "first_ratio_max_dev", "seconds", "peak_memory_gib")  # combined over ranks by max, the rest by mean
 
 
 class PolicyStep(nn.Module):
@@ -125,8 +124,8 @@ class LearnerRank:
                                 world_size=self.world_size, init_method=f"tcp://{master_addr}:{master_port}")
         torch.manual_seed(cfg.run.seed)  # identical weights on every rank when no checkpoint is given
         model = WorldModel.from_config(cfg).to(self.device)
-        self.reference = copy.deepcopy(model).requires_grad_(False).eval()
         self.settings = GRPOSettings.from_config(cfg)
+        self.reference = make_reference(model, self.settings)
         self.plan = grpo_batch_plan(cfg)
         module = PolicyStep(model)
         self.engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
@@ -152,6 +151,8 @@ class LearnerRank:
             raise ValueError(f"{n} backward passes per update, but the engine accumulates "
                              f"{self.plan['grad_accumulation']}: trained steps {steps} do not match the config")
         amp = torch.autocast(self.device.type, torch.bfloat16) if self.cfg.cluster.bf16 else nullcontext()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.engine.train()
         totals: dict[str, float] = {}
         for mb in micro:
@@ -171,6 +172,8 @@ class LearnerRank:
         norm = self.engine.get_global_grad_norm()
         totals["grad_norm"] = float(norm) if norm is not None else float("nan")
         totals["seconds"] = time.perf_counter() - t0
+        if self.device.type == "cuda":
+            totals["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return totals
 
     # ------------------------------------------------------------------ weights out
@@ -248,7 +251,7 @@ class LearnerGroup:
         out = {}
         for key in parts[0]:
             vals = [p[key] for p in parts]
-            out[key] = max(vals) if key in MAX_STATS or key == "seconds" else float(np.mean(vals))
+            out[key] = max(vals) if key in MAX_STATS else float(np.mean(vals))
         out["grad_norm"] = parts[0]["grad_norm"]  # the global norm, the same on every rank
         return out
 

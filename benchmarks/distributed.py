@@ -81,9 +81,14 @@ def run_driver(name: str, args: list[str], out: Path, gpus: GPUSampler | None, i
            "samples_per_s": round(sum(r["segments"] for r in steady) / wall, 3),
            "iteration_s": round(wall / len(steady), 3),
            "stage_share": {s: round(v / wall, 3) for s, v in stage.items()},
+           "learner_update_s": round(sum(r.get("loss/seconds", 0.0) for r in steady) / len(steady), 3),
+           "sync_s": round(stage["sync"] / len(steady), 3),
            "reward_first": round(rows[0]["reward_mean"], 4), "reward_last": round(rows[-1]["reward_mean"], 4),
            "minutes": round((time.time() - t_start) / 60, 2),
            "eval_before": summary["before"], "eval_after": summary["after"]}
+    peaks = [r["memory/learner_peak_gib"] for r in rows if "memory/learner_peak_gib" in r]
+    if peaks:
+        res["learner_peak_memory_gib"] = round(max(peaks), 2)
     if gpus is not None and "[1" in marks and f"[{iterations}" in marks:
         res["gpu_busy"] = gpus.busy(marks["[1"], marks[f"[{iterations}"])
     print(f"== {name}: {json.dumps({k: v for k, v in res.items() if not k.startswith('eval')})}", flush=True)

@@ -162,9 +162,10 @@ def keep_rows(path: Path, last_iteration: int) -> list[dict]:
 def main(argv: list[str]) -> int:
     cfg = load_config_or_exit(argv)
     g = cfg.grpo
-    if not cfg.model.pretrained_path:
-        sys.exit("grpo needs a pre-trained world model: set model.pretrained_path (see launch/sft.py)")
-    if Path(cfg.model.pretrained_path).exists():  # actors may start elsewhere: give them an absolute path
+    if not cfg.model.pretrained_path and not g.random_init:
+        sys.exit("grpo needs a pre-trained world model: set model.pretrained_path (see launch/sft.py); "
+                 "grpo.random_init=true allows random weights, for throughput benchmarks")
+    if cfg.model.pretrained_path and Path(cfg.model.pretrained_path).exists():  # actors may start elsewhere: give them an absolute path
         cfg.model.pretrained_path = str(Path(cfg.model.pretrained_path).resolve())
     out = Path(cfg.run.output_dir).resolve()
     ckpts = Checkpoints(out)
@@ -296,8 +297,9 @@ def run(cfg, stages, out: Path, ckpts: Checkpoints, resume: dict | None) -> int:
 
         elapsed = time.perf_counter() - t_iter
         ep = data["episodes"]
+        memory = {"memory/learner_peak_gib": upd.pop("peak_memory_gib")} if "peak_memory_gib" in upd else {}
         row = {"iteration": it, **stats, "prompts_found": data["found"], "prompts_repeated": data["repeats"],
-               "policy_lag": lag, **{f"loss/{k}": v for k, v in upd.items()},
+               "policy_lag": lag, **{f"loss/{k}": v for k, v in upd.items()}, **memory,
                "episode_success": float(np.mean(ep["success"])), "attempts_per_step": float(np.mean(ep["attempts"])),
                **{f"time/{k}": round(v, 3) for k, v in times.items()}, "time/iteration": round(elapsed, 3),
                "segments_per_s": stats["segments"] / elapsed}
@@ -325,17 +327,19 @@ def run(cfg, stages, out: Path, ckpts: Checkpoints, resume: dict | None) -> int:
         pool.shutdown()
 
     last = run_eval(g.iterations)
-    if start <= g.iterations:
-        checkpoint(g.iterations)
-    stages.final_model().save(out / "world_model.pt")
+    if g.save_final:
+        if start <= g.iterations:
+            checkpoint(g.iterations)
+        stages.final_model().save(out / "world_model.pt")
     if tb is not None:
         tb.close()
     plot_rewards(rows, out / "rewards.png")
     summary = {"before": first, "after": last, "config": config_to_dict(cfg), "replay": stages.replay_stats(),
                "iterations": g.iterations, "mode": cfg.cluster.mode}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"{stages.replay_line()}\nwrote {out}/summary.json, metrics.jsonl, rewards.png, world_model.pt, "
-          f"checkpoints/", flush=True)
+    print(f"{stages.replay_line()}\nwrote {out}/summary.json, metrics.jsonl, rewards.png"
+          + (", world_model.pt, checkpoints/" if g.save_final else " (grpo.save_final=false: no final weights)"),
+          flush=True)
     return 0
 
 

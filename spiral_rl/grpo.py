@@ -159,8 +159,8 @@ def check_first_ratio(ratio_max_dev: float, settings: GRPOSettings) -> None:
 def step_loss(policy, reference, batch: GRPOBatch, i: int, settings: GRPOSettings) -> tuple[Tensor, dict]:
     """The GRPO objective of recorded step i, a mean over the batch's segments:
     clipped surrogate + beta * KL to the reference. policy / reference: WorldModel-like (encode_text,
-    velocity); the reference runs without gradient. The one copy of the loss: GRPOLearner and the
-    DeepSpeed learner (actors/learner.py) both call it. -> (loss, stats)."""
+    velocity); the reference runs without gradient, and is None when kl_coef is 0. The one copy of
+    the loss: GRPOLearner and the DeepSpeed learner (actors/learner.py) both call it. -> (loss, stats)."""
     s, traj = settings, batch.trajectory
     texts, guided = list(batch.texts), batch.guidance != 1.0
     # The text is encoded per step: each step's graph is freed by its own backward.
@@ -168,19 +168,30 @@ def step_loss(policy, reference, batch: GRPOBatch, i: int, settings: GRPOSetting
     uncond = policy.encode_text([""] * len(texts)) if guided else None
     logp, mean, std = step_log_prob(policy.velocity, batch.context, cond, traj, [i], batch.guidance, uncond,
                                     return_mean=True)
-    with torch.no_grad():
-        ref_cond = reference.encode_text(texts)
-        ref_uncond = reference.encode_text([""] * len(texts)) if guided else None
-        _, mean_ref, _ = step_log_prob(reference.velocity, batch.context, ref_cond, traj, [i], batch.guidance,
-                                       ref_uncond, return_mean=True)
     adv = batch.advantages.to(traj.latents.device, torch.float32)
     logp_new = reduce_logprob(logp[0], traj.numel, s.reduction)  # (B,)
     logp_old = reduce_logprob(traj.log_probs[i], traj.numel, s.reduction)
-    kl = reduce_logprob(kl_to_reference(mean, mean_ref, std)[0], traj.numel, s.reduction)  # (B,)
+    if reference is None:  # kl_coef == 0: no reference is kept, and none runs
+        kl = torch.zeros_like(logp_new)
+    else:
+        with torch.no_grad():
+            ref_cond = reference.encode_text(texts)
+            ref_uncond = reference.encode_text([""] * len(texts)) if guided else None
+            _, mean_ref, _ = step_log_prob(reference.velocity, batch.context, ref_cond, traj, [i], batch.guidance,
+                                           ref_uncond, return_mean=True)
+        kl = reduce_logprob(kl_to_reference(mean, mean_ref, std)[0], traj.numel, s.reduction)  # (B,)
     policy_loss, stats = clipped_surrogate(logp_new, logp_old, adv, s.clip_range)
     loss = policy_loss + s.kl_coef * kl.mean()
     stats.update(policy_loss=policy_loss.item(), kl=kl.mean().item(), loss=loss.item())
     return loss, stats
+
+
+def make_reference(model: nn.Module, settings: GRPOSettings) -> nn.Module | None:
+    """The frozen reference: a copy of the policy, or None when kl_coef is 0 (a model's worth of
+    memory and one forward per trained step saved; DanceGRPO trains without one)."""
+    if settings.kl_coef == 0:
+        return None
+    return copy.deepcopy(model).requires_grad_(False).eval()
 
 
 class GRPOLearner:
@@ -189,8 +200,7 @@ class GRPOLearner:
     def __init__(self, model: nn.Module, settings: GRPOSettings, lr: float = 1e-4,
                  weight_decay: float = 0.0, reference: nn.Module | None = None):
         self.model, self.settings = model, settings
-        self.reference = reference if reference is not None else copy.deepcopy(model)
-        self.reference.requires_grad_(False).eval()
+        self.reference = reference if reference is not None else make_reference(model, settings)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                            lr=lr, weight_decay=weight_decay)
 

@@ -89,6 +89,8 @@ class WorldModel(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> "WorldModel":
         """A model for the run config `cfg`: random init, or the weights at model.pretrained_path."""
+        if cfg.model.tf32:  # process-wide; every process that runs the model builds it here
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         model = cls(cfg.model, cfg.world.segment_frames, cfg.world.context_frames)
         if cfg.model.pretrained_path:
             model.load_weights(cfg.model.pretrained_path)

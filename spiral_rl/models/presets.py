@@ -2,6 +2,9 @@
 
     tiny       CPU: the 32 px built-in world, ~2 steps/s on 2 cores (batch 8 x 640 tokens)
     small      one GPU: the built-in world at higher resolution / longer clips
+    wan2.2-5b-pixel  Wan2.2-TI2V-5B's transformer blocks (dim 3072, 30 layers, 24 heads of 128, ffn
+               14336) on the built-in world's pixels with a learned text encoder: the 5B shape
+               driven end to end by launch/grpo.py (scaling runs, benchmarks/scaling.py)
     wan2.2-5b  Wan2.2-TI2V-5B's transformer (48-channel VAE latents, umT5-XXL text); loaded
                from a checkpoint (wan_compat.load_wan_pretrained), never trained from scratch
 
@@ -36,13 +39,19 @@ def wan22_5b(**overrides) -> DiTConfig:
                             ffn_dim=14336, text_dim=4096, freq_dim=256, patch_size=(1, 2, 2)) | overrides)
 
 
-PRESETS: dict[str, Callable[..., DiTConfig]] = {"tiny": tiny, "small": small, "wan2.2-5b": wan22_5b}
+def wan22_5b_pixel(**overrides) -> DiTConfig:
+    return wan22_5b(**dict(in_channels=3, out_channels=3, text_dim=512, patch_size=(1, 4, 4)) | overrides)
+
+
+PRESETS: dict[str, Callable[..., DiTConfig]] = {"tiny": tiny, "small": small, "wan2.2-5b-pixel": wan22_5b_pixel,
+                                                "wan2.2-5b": wan22_5b}
 
 # The learned text encoder of each pixel preset (its width is the DiT's text_dim). None: the
 # preset takes an external encoder's embeddings (umT5-XXL for Wan), see text.TextEncoderFn.
 TEXT_PRESETS: dict[str, Callable[[], TextEncoderConfig] | None] = {
     "tiny": lambda: TextEncoderConfig(dim=96, num_layers=2, num_heads=3),
     "small": lambda: TextEncoderConfig(dim=512, num_layers=2, num_heads=8),
+    "wan2.2-5b-pixel": lambda: TextEncoderConfig(dim=512, num_layers=2, num_heads=8),
     "wan2.2-5b": None,
 }
 
