@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -112,7 +113,8 @@ def main() -> int:
             res = run_driver(f"{n} GPU(s)", cfg_args, tmp / f"n{n}", sampler, args.iterations)
             lay = layout(n, gpu)
             flops = learner_flops(cfg_args, res["segments_per_iteration"])
-            res |= lay | {"gpus": n, "learner_tflop_per_update": round(flops / 1e12, 1)}
+            res |= lay | {"gpus": n, "learner_tflop_per_update": round(flops / 1e12, 6),
+                          "command": shlex.join(getattr(sys, "orig_argv", sys.argv))}  # runs merge across calls
             if gpu and res["learner_update_s"] > 0:
                 res["learner_mfu_tf32"] = round(flops / res["learner_update_s"] / lay["learners"]
                                                 / H100_TF32_DENSE_FLOPS, 4)

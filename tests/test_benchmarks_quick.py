@@ -76,3 +76,20 @@ def test_distributed_quick_runs_the_three_driver_configurations(tmp_path):
         assert sum(r["stage_share"].values()) > 0.5  # the timed stages account for the iteration (overlap: > 1)
     e2e = json.loads((tmp_path / "e2e.json").read_text())["metrics"]
     assert e2e["two_gpu_speedup"] > 0 and e2e["gpu_busy_fraction"] is None  # no GPU on CPU
+
+
+def test_scaling_quick_weak_scales_and_reports_efficiency(tmp_path):
+    """benchmarks/scaling.py --quick --gpus 2,4: the layouts 1+1 and 2+2 (ZeRO-3, offload, pipelined)
+    on CPU; the batch doubles with the rollout workers and the 2 -> 4 efficiency is computed (~2 min)."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "scaling.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "scaling.py"), "--quick", "--gpus", "2,4", "--iterations", "2",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = json.loads(out.read_text())["metrics"]
+    two, four = m["runs"]["2"], m["runs"]["4"]
+    assert (two["learners"], two["rollouts"], four["learners"], four["rollouts"]) == (1, 1, 2, 2)
+    assert four["segments_per_iteration"] == 2 * two["segments_per_iteration"]  # weak scaling
+    assert four["learner_tflop_per_update"] == pytest.approx(2 * two["learner_tflop_per_update"], rel=0.01)
+    eff = m["scaling_efficiency"]["2->4"]
+    assert eff == pytest.approx(four["samples_per_s"] / two["samples_per_s"] / 2, abs=1e-3)
