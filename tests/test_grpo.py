@@ -96,3 +96,59 @@ def test_kl_to_reference_is_zero_before_and_positive_after_an_update(model):
     batch = GRPOBatch(inp.context, texts, traj, torch.tensor([1.0, -1.0, 1.0, -1.0]), steps=[1])
     assert learner.update(batch)["kl"] == pytest.approx(0.0, abs=1e-10)
     assert learner.update(batch, check_ratio=False)["kl"] > 0
+
+
+def test_without_kl_no_reference_is_kept_and_the_update_is_the_same(model):
+    """kl_coef=0 keeps no reference copy (a model's worth of memory, one forward per step) and
+    gives exactly the update a reference with a zero KL weight would."""
+    inp, texts, traj = _rollout(model)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    twin = WorldModel(model.cfg, model.num_frames)
+    twin.load_state_dict(model.state_dict())
+    free = GRPOLearner(model, GRPOSettings(clip_range=0.2, kl_coef=0.0), lr=1e-3)
+    assert free.reference is None
+    kept = GRPOLearner(twin, GRPOSettings(clip_range=0.2, kl_coef=0.0), lr=1e-3,
+                       reference=WorldModel(model.cfg, model.num_frames).requires_grad_(False))
+    assert free.update(GRPOBatch(inp.context, texts, traj, adv, steps=[1, 2]))["kl"] == 0.0
+    kept.update(GRPOBatch(inp.context, texts, traj, adv, steps=[1, 2]))
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_grpo_raises_the_reward_it_is_given_on_fixed_prompts():
+    """The whole GRPO path (SDE groups with log-probs -> group advantages -> clipped update, the
+    first ratio checked every iteration) climbs a reward with a clear direction, the segments'
+    mean brightness, on fixed prompts from the shipped checkpoint: measured on fresh noise before
+    and after 6 updates (fixed seeds). A sign error, a stale log-prob or a ratio that never moves
+    would leave it flat or push it down. ~30 s on 2 cores."""
+    import types
+    from actors.rollout import RolloutWorker, group_settings
+    from spiral_rl.records import SCORE_DIMS
+    from spiral_rl.rollout import sample_sde, score_groups, to_batch
+
+    cfg = load_config(["configs/grpo_tiny.yaml", "cluster.mode=local", "grpo.group_size=4", "grpo.sample_steps=6",
+                       "grpo.lr=1e-4"])
+    worker = RolloutWorker(cfg)
+    prompts, _ = worker.episodes("train", 0, [0])
+    prompts, settings = prompts[:2], group_settings(cfg)
+    weights = {d: 1.0 for d in SCORE_DIMS}
+
+    def brightness(samples):  # one verdict-like record per segment, every dimension = brightness
+        values = samples.frames.reshape(len(samples), -1).mean(1) / 255.0
+        return [types.SimpleNamespace(scores=dict.fromkeys(SCORE_DIMS, float(v)), decision="") for v in values]
+
+    def mean_reward(seed):
+        s = sample_sde(worker.model, prompts, settings, np.random.default_rng(seed))
+        return score_groups(s, brightness(s), weights, "weighted_sum", 0)[1]["reward_mean"]
+
+    before = np.mean([mean_reward(100 + k) for k in range(2)])
+    learner, rng = GRPOLearner(worker.model, GRPOSettings.from_config(cfg), lr=cfg.grpo.lr), np.random.default_rng(0)
+    for it in range(6):
+        s = sample_sde(worker.model, prompts, settings, rng)
+        groups, _ = score_groups(s, brightness(s), weights, "weighted_sum", it)
+        batch = to_batch([r for g in groups for r in g])
+        batch.steps = sorted(rng.choice(range(*s.window), 2, replace=False).tolist())
+        learner.update(batch)  # check_ratio: rho == 1 on every iteration's first step
+    after = np.mean([mean_reward(100 + k) for k in range(2)])
+    print(f"brightness before {before:.4f} after {after:.4f}")
+    assert after > before + 0.01, (before, after)
