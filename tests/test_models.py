@@ -230,7 +230,14 @@ def test_preset_parameter_counts():
         build_model("huge")
     with pytest.raises(ValueError, match="external encoder"):
         build_text_encoder("wan2.2-5b")
-    assert set(PRESETS) == {"tiny", "small", "wan2.2-5b"}
+    # the 5B blocks on the built-in world's pixels (the scaling runs): Wan's shape, pixel in/out
+    pixel = preset_config("wan2.2-5b-pixel", in_channels=6)
+    assert (pixel.dim, pixel.num_layers, pixel.num_heads, pixel.ffn_dim) == (3072, 30, 24, 14336)
+    assert (pixel.out_channels, pixel.patch_size) == (3, (1, 4, 4))
+    assert 4.9e9 < param_count(pixel) < 5.1e9
+    with torch.device("meta"):
+        assert count_parameters(build_model("wan2.2-5b-pixel", in_channels=6)) == param_count(pixel)
+    assert set(PRESETS) == {"tiny", "small", "wan2.2-5b-pixel", "wan2.2-5b"}
 
 
 # --------------------------------------------------------------------------- Wan compatibility
