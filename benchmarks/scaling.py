@@ -14,9 +14,9 @@ Layout for N GPUs (weak scaling: the work per rollout worker is fixed, so the ba
     N >= 2  N/2 learner ranks (DeepSpeed ZeRO-3, NCCL) and N/2 rollout workers, one GPU each
 Every configuration pipelines one step off-policy (grpo.pipeline), syncs weights learner ->
 rollout by bucketed NCCL broadcast (verified on arrival), offloads the optimizer state to CPU
-(fp32 AdamW state of 4.9B parameters is 59 GB: it does not fit one 80 GB card beside the weights
-and gradients), trains without a KL reference (grpo.kl_coef=0: a full fp32 copy per rank would
-not fit either) and with activation checkpointing.
+(fp32 weights, gradients and AdamW moments of 5.0B parameters are 80 GB: one learner rank does
+not fit an 80 GB card without it), trains without a KL reference (grpo.kl_coef=0: a full fp32
+copy would be 20 GB more per rank) and with activation checkpointing.
 
 Per configuration: segments/s (iteration 1, the warm-up, left out), the time split, learner seconds
 per update and its MFU (matmul FLOPs of 3 forwards per trained segment-step, recomputation not
