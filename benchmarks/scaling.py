@@ -53,8 +53,8 @@ def layout(n: int, gpu: bool) -> dict:
 
 
 def overrides(n: int, quick: bool, gpu: bool) -> list[str]:
-    lay, r = layout(n, gpu), layout(n, gpu)["rollouts"]
-    k, share = lay["learners"], lay["gpu_share"]
+    lay = layout(n, gpu)
+    k, r, share = lay["learners"], lay["rollouts"], lay["gpu_share"]
     args = ["model.preset=tiny" if quick else "model.preset=wan2.2-5b-pixel", "grpo.random_init=true",
             "grpo.save_final=false", f"model.tf32={gpu}", "model.gradient_checkpointing=true",
             f"grpo.episodes_per_iter={PER_WORKER['episodes'] * r}", f"grpo.prompts_per_iter={PER_WORKER['prompts'] * r}",
