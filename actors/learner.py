@@ -42,7 +42,8 @@ from spiral_rl.grpo import GRPOSettings, check_batch, check_first_ratio, make_re
 from spiral_rl.rollout import to_batch
 from spiral_rl.world_model import WorldModel
 
-MAX_STATS = ("ratio_max_dev", "first_ratio_max_dev", "seconds", "peak_memory_gib")  # combined over ranks by max, the rest by mean
+# combined over ranks by max (the slowest rank, the worst deviation), the rest by mean
+MAX_STATS = ("ratio_max_dev", "first_ratio_max_dev", "seconds", "peak_memory_gib")
 
 
 class PolicyStep(nn.Module):

@@ -168,7 +168,8 @@ class RayStages:
 
     def final_model(self):
         state, _ = self.learners.gather_state()
-        model = WorldModel.from_config(self.cfg)
+        c = self.cfg  # built, not loaded: every weight comes from the learner
+        model = WorldModel(c.model, c.world.segment_frames, c.world.context_frames)
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in self.ray.get(state).items()})
         return model
 

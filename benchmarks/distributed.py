@@ -30,9 +30,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_name, write_record  # noqa: E402
 
-STAGES = ("rollout", "sample", "critic", "replay", "learner", "sync")
-
-
 class GPUSampler:
     """utilization.gpu of every GPU every 100 ms, with host timestamps, in a background thread."""
 
@@ -76,7 +73,8 @@ def run_driver(name: str, args: list[str], out: Path, gpus: GPUSampler | None, i
     summary = json.loads((out / "summary.json").read_text())
     steady = rows[1:] or rows
     wall = sum(r["time/iteration"] for r in steady)
-    stage = {s: sum(r[f"time/{s}"] for r in steady) for s in STAGES}
+    names = [k[len("time/"):] for k in rows[0] if k.startswith("time/") and k != "time/iteration"]
+    stage = {s: sum(r[f"time/{s}"] for r in steady) for s in names}  # the driver's stages, as it logs them
     res = {"iterations": len(rows), "segments_per_iteration": rows[0]["segments"],
            "samples_per_s": round(sum(r["segments"] for r in steady) / wall, 3),
            "iteration_s": round(wall / len(steady), 3),

@@ -75,12 +75,15 @@ def overrides(n: int, quick: bool, gpu: bool) -> list[str]:
 
 def learner_flops(cfg_args: list[str], segments: int) -> float:
     """Matmul FLOPs of one update: 3 forwards per (segment, trained step)."""
+    import torch
     from spiral_rl.config import load_config
-    from spiral_rl.models.presets import preset_config
+    from spiral_rl.world_model import WorldModel
     cfg = load_config(cfg_args)
-    dit = preset_config(cfg.model.preset, patch_size=cfg.model.patch_size, in_channels=6)
-    grid = (cfg.world.frame_size // cfg.model.patch_size) ** 2
-    tokens = (cfg.world.segment_frames + cfg.world.context_frames) * grid
+    with torch.device("meta"):  # the run's own DiT config, no memory
+        dit = WorldModel(cfg.model, cfg.world.segment_frames, cfg.world.context_frames).dit.cfg
+    _, ph, pw = dit.patch_size
+    frames, side = cfg.world.segment_frames + cfg.world.context_frames, cfg.world.frame_size
+    tokens = frames * (side // ph) * (side // pw)
     return 3 * dit_forward_flops(dit, tokens, cfg.model.max_text_len) * segments * cfg.grpo.train_steps
 
 

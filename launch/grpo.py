@@ -165,7 +165,8 @@ def main(argv: list[str]) -> int:
     if not cfg.model.pretrained_path and not g.random_init:
         sys.exit("grpo needs a pre-trained world model: set model.pretrained_path (see launch/sft.py); "
                  "grpo.random_init=true allows random weights, for throughput benchmarks")
-    if cfg.model.pretrained_path and Path(cfg.model.pretrained_path).exists():  # actors may start elsewhere: give them an absolute path
+    # actors may start elsewhere: give them an absolute path ('' is random init, not the cwd)
+    if cfg.model.pretrained_path and Path(cfg.model.pretrained_path).exists():
         cfg.model.pretrained_path = str(Path(cfg.model.pretrained_path).resolve())
     out = Path(cfg.run.output_dir).resolve()
     ckpts = Checkpoints(out)

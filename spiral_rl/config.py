@@ -85,7 +85,7 @@ class WorldConfig:
 
 @dataclass
 class ModelConfig:
-    # Video world model size: tiny/small are trained here, wan2.2-5b is loaded from disk.
+    # tiny/small are trained here; wan2.2-5b-pixel is the 5B shape on pixels (scaling runs); wan2.2-5b loads Wan.
     preset: str = param("tiny", choices=("tiny", "small", "wan2.2-5b-pixel", "wan2.2-5b"))
     patch_size: int = param(4, range="[1, inf)")  # world.frame_size must be a multiple
     max_text_len: int = param(64, range="[2, inf)")  # text tokens incl. <bos>; a clause is <= 9
@@ -105,9 +105,7 @@ class ModelConfig:
     # weights' dtype, each add still computed in fp32 (diffusers' Wan); in bf16 that halves its
     # memory traffic and activation memory (benchmarks/RESULTS.md).
     fp32_residual: bool = True
-    # Allow TF32 matmuls for fp32 weights on CUDA (10-bit mantissa, ~8x the fp32 rate on Hopper).
-    # Sampling and the learner's recomputation then run the same kernels' precision, so the
-    # first-ratio guard still holds; bf16 autocast (cluster.bf16) on the learner alone would not.
+    # TF32 matmuls for fp32 weights on CUDA, sampling and learner alike (so rho == 1 still holds).
     tf32: bool = False
     # World-model checkpoint (a world_model.pt file, or a dir holding one) to start from;
     # '' = random init. launch/sft.py writes one to <run.output_dir>/world_model.pt.
@@ -221,14 +219,11 @@ class GRPOConfig:
     checkpoint_every: int = param(10, range="[0, inf)")
     # Continue from the latest checkpoint in run.output_dir (else that dir must hold none).
     resume: bool = False
-    # One-step-off-policy pipelining (cluster.mode=ray): iteration n+1's rollouts run while the learner
-    # trains on iteration n; the importance ratio (clipped) corrects the one-update lag.
+    # Iteration n+1's rollouts overlap iteration n's learner step (cluster.mode=ray; one update off-policy).
     pipeline: bool = False
-    # Start from random weights when model.pretrained_path is '' (throughput benchmarks only: the
-    # driver otherwise refuses, since GRPO on an untrained world model learns nothing useful).
+    # Allow model.pretrained_path='' (random weights): throughput benchmarks only.
     random_init: bool = False
-    # At the end, save the last checkpoint and world_model.pt (false: benchmarks of large models,
-    # where both are tens of GB and not the point).
+    # Save the last checkpoint and world_model.pt at the end (false: large-model benchmarks).
     save_final: bool = True
 
 
