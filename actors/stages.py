@@ -118,7 +118,12 @@ class RayStages:
         return (f"actors: {len(self.workers)} rollout worker(s), {len(self.critics)} critic server(s), 1 replay store, "
                 f"{k.learner_ranks} learner rank(s) on {info['device']} (ZeRO-{k.zero_stage}, "
                 f"{'NCCL' if k.learner_gpus else 'gloo'}, bf16={k.bf16}, offload={k.offload_optimizer}, "
-                f"{info['params']:,} params); placement {k.placement}; weight sync: {self.learners.sync_mode}")
+                f"{info['params']:,} params); placement {k.placement} over {self.nodes()} node(s); "
+                f"weight sync: {self.learners.sync_mode}")
+
+    def nodes(self) -> int:
+        """Nodes the placement group's bundles landed on (multi-node runs: did spread spread?)."""
+        return len(set(self.ray.util.placement_group_table(self.pg)["bundles_to_node_id"].values()))
 
     @staticmethod
     def _split(n: int, parts: int) -> list[tuple[int, int]]:

@@ -2,6 +2,7 @@
 
     python benchmarks/distributed.py cpu     # the README's main job (configs/grpo_tiny.yaml: local Ray,
                                              # CPU, 2 ZeRO-2 learner ranks) -> results/distributed_cpu.json
+                                             # and its policy-improvement figures -> results/grpo_improvement.json
     python benchmarks/distributed.py gpu     # a mid-size random-init model (preset small) on 1 GPU shared by
                                              # rollout and learner, then on 2 GPUs (learner and rollout each on
                                              # its own, NCCL weight sync), without and with one-step-off-policy
@@ -93,6 +94,33 @@ def run_driver(name: str, args: list[str], out: Path, gpus: GPUSampler | None, i
     return res
 
 
+def improvement(res: dict) -> dict:
+    """The policy-improvement figures of a run (its before/after evaluation on held-out val tasks)
+    against the bars: SPIRAL succeeds on >= 1.5x as many tasks as open-loop; after GRPO one-shot
+    (plan_only) completeness rises >= 0.10, attempts per sub-action fall, fidelity does not drop."""
+    before, after = res["eval_before"], res["eval_after"]
+    m = {"open_loop_success": before["open_loop"]["success_rate"], "spiral_success": before["spiral"]["success_rate"],
+         "open_loop_success_after": after["open_loop"]["success_rate"],
+         "spiral_success_after": after["spiral"]["success_rate"],
+         "one_shot_action_completeness_before": before["plan_only"]["action_completeness"],
+         "one_shot_action_completeness_after": after["plan_only"]["action_completeness"],
+         "retries_per_subaction_before": before["spiral"]["attempts_per_step"] - 1,
+         "retries_per_subaction_after": after["spiral"]["attempts_per_step"] - 1,
+         "physical_fidelity_before": before["plan_only"]["physical_fidelity"],
+         "physical_fidelity_after": after["plan_only"]["physical_fidelity"],
+         "iterations": res["iterations"], "minutes": res["minutes"], "eval_tasks": after["spiral"]["tasks"]}
+    m = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+    loop_gain = lambda spiral, open_: spiral > 0 and spiral >= 1.5 * open_  # noqa: E731
+    m["bars_met"] = {
+        # the loop's own worth, on the checkpoint GRPO starts from and on the one it ends with
+        "spiral_vs_open_loop_1.5x": loop_gain(m["spiral_success"], m["open_loop_success"]),
+        "spiral_vs_open_loop_1.5x_after": loop_gain(m["spiral_success_after"], m["open_loop_success_after"]),
+        "one_shot_completeness_+0.10": m["one_shot_action_completeness_after"] - m["one_shot_action_completeness_before"] >= 0.10,
+        "retries_fall": m["retries_per_subaction_after"] < m["retries_per_subaction_before"],
+        "fidelity_not_lower": m["physical_fidelity_after"] >= m["physical_fidelity_before"]}
+    return m
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("where", choices=("cpu", "gpu"))
@@ -105,8 +133,12 @@ def main() -> int:
     if args.where == "cpu":
         res = run_driver("embedded default", [str(ROOT / "configs" / "grpo_tiny.yaml")], tmp / "cpu", None,
                          args.iterations or 10)
-        write_record("distributed_cpu", f"{cpu_name()}, {os.cpu_count()} cores (local Ray, gloo)", {"config": "configs/grpo_tiny.yaml"}, res,
-                     args.quick, args.out)
+        device = f"{cpu_name()}, {os.cpu_count()} cores (local Ray, gloo)"
+        write_record("distributed_cpu", device, {"config": "configs/grpo_tiny.yaml"}, res, args.quick, args.out)
+        gain = improvement(res)
+        print("policy improvement:", json.dumps(gain), flush=True)
+        write_record("grpo_improvement", device, {"config": "configs/grpo_tiny.yaml"}, gain, args.quick,
+                     None if not args.out else str(Path(args.out).with_name("grpo_improvement.json")))
         return 0
 
     import torch  # noqa: E402 (only the gpu path builds a model)

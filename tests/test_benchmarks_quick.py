@@ -93,3 +93,23 @@ def test_scaling_quick_weak_scales_and_reports_efficiency(tmp_path):
     assert four["learner_tflop_per_update"] == pytest.approx(2 * two["learner_tflop_per_update"], rel=0.01)
     eff = m["scaling_efficiency"]["2->4"]
     assert eff == pytest.approx(four["samples_per_s"] / two["samples_per_s"] / 2, abs=1e-3)
+
+
+def test_policy_improvement_bars_follow_the_before_and_after_evaluations():
+    """benchmarks/distributed.py cpu turns its run's evaluations into the issue's figures; each bar
+    is decided by the numbers (a hand-made run that clears all four, then one that clears none)."""
+    sys.path.insert(0, str(BENCH))
+    from distributed import improvement
+
+    def evals(open_s, spiral_s, attempts, comp, fid):
+        return {"open_loop": {"success_rate": open_s}, "spiral": {"success_rate": spiral_s, "attempts_per_step": attempts,
+                                                                  "tasks": 16},
+                "plan_only": {"action_completeness": comp, "physical_fidelity": fid}}
+    good = improvement({"eval_before": evals(0.1, 0.2, 2.5, 0.60, 0.50), "iterations": 10, "minutes": 5.0,
+                        "eval_after": evals(0.125, 0.25, 2.0, 0.72, 0.55)})
+    assert good["one_shot_action_completeness_after"] == 0.72 and good["retries_per_subaction_before"] == 1.5
+    assert (good["open_loop_success"], good["spiral_success_after"]) == (0.1, 0.25)
+    assert all(good["bars_met"].values()), good
+    bad = improvement({"eval_before": evals(0.2, 0.25, 2.0, 0.80, 0.50), "iterations": 10, "minutes": 5.0,
+                       "eval_after": evals(0.2, 0.25, 2.1, 0.85, 0.45)})
+    assert not any(bad["bars_met"].values()), bad
