@@ -18,6 +18,7 @@ SCRIPTS = {
     "sampling": (["diffusers"], ["speedup_vs_pipeline", "samples_per_s", "checks"]),
     "weight_sync": ([], ["seconds", "runs"]),
     "memory": (["deepspeed"], ["rows", "model_state_gib_analytic"]),
+    "grpo_fixed_prompts": ([], ["series", "sde_reward_per_update", "reward_gain_trained", "reward_gain_held_out"]),
 }
 
 
@@ -48,6 +49,9 @@ def test_quick_mode_runs_and_checks_pass(name, tmp_path):
         assert m["all_correct"]
     if name == "weight_sync":
         assert all(r["verified"] for r in m["runs"])
+    if name == "grpo_fixed_prompts":  # evaluated before and after its one update, on both prompt sets
+        assert [r["update"] for r in m["series"]] == [0, 1] and len(m["sde_reward_per_update"]) == 1
+        assert all(0 <= r[k]["reward"] <= 1 for r in m["series"] for k in ("trained_ode", "held_out_ode"))
 
 
 def test_quick_mode_never_replaces_gpu_results():
