@@ -28,12 +28,12 @@ from _common import cpu_name, write_record  # noqa: E402  (benchmarks/ is first 
 from actors.rollout import RolloutWorker, group_settings  # noqa: E402
 from spiral_rl.agents.critic import CriticAgent  # noqa: E402
 from spiral_rl.config import load_config_or_exit  # noqa: E402
-from spiral_rl.grpo import GRPOLearner, GRPOSettings  # noqa: E402
+from spiral_rl.grpo import GRPOLearner, GRPOSettings, reward  # noqa: E402
 from spiral_rl.records import SCORE_DIMS  # noqa: E402
 from spiral_rl.rollout import _Objects, sample_sde, score_groups, to_batch  # noqa: E402
 
 
-def ode_scores(model, critic, prompts, samples: int, weights: dict) -> dict:
+def ode_scores(model, critic, prompts, samples: int, weights: dict, aggregation: str) -> dict:
     """Mean critic scores (and weighted reward) of `samples` ODE samples per prompt, fixed seeds."""
     ctx = np.concatenate([np.stack([p.context for p in prompts])] * samples)
     with torch.no_grad():
@@ -42,8 +42,10 @@ def ode_scores(model, critic, prompts, samples: int, weights: dict) -> dict:
     verdicts = critic.score_batch(list(frames), [p.sub_action for p in prompts] * samples,
                                   [_Objects(p.objects) for p in prompts] * samples,
                                   [p.next_action for p in prompts] * samples)
-    out = {d: round(float(np.mean([v.scores[d] for v in verdicts])), 4) for d in SCORE_DIMS}
-    out["reward"] = round(sum(weights[d] * out[d] for d in SCORE_DIMS), 4)
+    scores = np.array([[v.scores[d] for d in SCORE_DIMS] for v in verdicts])  # (N, D)
+    rewards = reward(scores, np.array([weights[d] for d in SCORE_DIMS]), aggregation)
+    out = {d: round(float(scores[:, k].mean()), 4) for k, d in enumerate(SCORE_DIMS)}
+    out["reward"] = round(float(rewards.mean()), 4)  # the training reward (reward.aggregation), on ODE samples
     return out
 
 
@@ -80,8 +82,9 @@ def main() -> int:
     settings, rng = group_settings(cfg), np.random.default_rng(cfg.run.seed)
 
     def evaluate(update: int) -> dict:
-        row = {"update": update, "trained_ode": ode_scores(worker.model, critic, trained, args.eval_samples, weights),
-               "held_out_ode": ode_scores(worker.model, critic, held, args.eval_samples, weights)}
+        row = {"update": update, **{name: ode_scores(worker.model, critic, ps, args.eval_samples, weights,
+                                                     cfg.reward.aggregation)
+                                    for name, ps in (("trained_ode", trained), ("held_out_ode", held))}}
         print(f"after {update:>3} updates: trained {row['trained_ode']}\n                  held out {row['held_out_ode']}",
               flush=True)
         return row

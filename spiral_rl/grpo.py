@@ -6,9 +6,12 @@ critic scores each segment on D dimensions; the reward and the group-relative ad
 
     weighted_sum:       r_pg = sum_k w_k s_pgk,   A_pg = (r_pg - mean_g r_pg) / (std_g r_pg + eps)
     per_dim_normalise:  A_pg = sum_k w_k (s_pgk - mean_g s_pgk) / (std_g s_pgk + eps)
+    gated:              r_pg = s_pg0 * sum_k w_k s_pgk (s_0: action completeness), A_pg as weighted_sum
 
 (the first asks "which samples score best overall", the second "which are best on each axis",
-so a dimension with a tiny spread is not drowned by one with a large spread). A group whose
+so a dimension with a tiny spread is not drowned by one with a large spread; the third pays for
+looking right only as far as the action was done: with fidelity alone in a sum, not moving the
+object is the cheapest way to score, since a still object is copied exactly). A group whose
 rewards are all equal carries no signal: its advantages are 0 and it is counted, not trained on.
 
 The loss over the recorded steps s of the window, with log-probs reduced over latent elements
@@ -36,6 +39,8 @@ from torch import Tensor, nn
 
 from spiral_rl.flow import Trajectory, kl_to_reference, reduce_logprob, step_log_prob
 
+AGGREGATIONS = ("weighted_sum", "per_dim_normalise", "gated")
+
 
 class RatioDriftError(RuntimeError):
     """The first importance ratio of an iteration is not 1: the stored rollout does not match the
@@ -51,7 +56,7 @@ class GRPOSettings:
     adv_clip: float = 5.0
     max_grad_norm: float = 1.0
     ratio_tol: float = 1e-3  # |rho - 1| allowed at the first update of an iteration
-    aggregation: str = "weighted_sum"  # "weighted_sum" | "per_dim_normalise"
+    aggregation: str = "weighted_sum"  # one of AGGREGATIONS
 
     @classmethod
     def from_config(cls, cfg) -> "GRPOSettings":
@@ -62,29 +67,37 @@ class GRPOSettings:
     def __post_init__(self):
         if self.reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={self.reduction!r} must be 'mean' or 'sum'")
-        if self.aggregation not in ("weighted_sum", "per_dim_normalise"):
-            raise ValueError(f"aggregation={self.aggregation!r} must be 'weighted_sum' or 'per_dim_normalise'")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={self.aggregation!r} must be one of {AGGREGATIONS}")
+
+
+def reward(scores: np.ndarray, weights: np.ndarray, aggregation: str = "weighted_sum") -> np.ndarray:
+    """scores: (..., D) in SCORE_DIMS order (action completeness first); weights: (D,) -> (...) rewards."""
+    scores = np.asarray(scores, dtype=np.float64)
+    r = scores @ np.asarray(weights, dtype=np.float64)
+    return scores[..., 0] * r if aggregation == "gated" else r
 
 
 def group_advantages(scores: np.ndarray, weights: np.ndarray, aggregation: str = "weighted_sum",
                      eps: float = 1e-4, clip: float = 5.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """scores: (P, G, D) critic scores; weights: (D,) -> rewards (P, G), advantages (P, G),
-    degenerate (P,) bool (groups whose reward spread is below eps: advantage 0)."""
+    """scores: (P, G, D) critic scores (SCORE_DIMS order: action completeness first); weights: (D,)
+    -> rewards (P, G), advantages (P, G), degenerate (P,) bool (groups whose reward spread is below
+    eps: advantage 0)."""
     scores = np.asarray(scores, dtype=np.float64)
     weights = np.asarray(weights, dtype=np.float64)
     if scores.ndim != 3 or scores.shape[-1] != weights.shape[0]:
         raise ValueError(f"scores must be (P, G, D={weights.shape[0]}), got {scores.shape}")
     if scores.shape[1] < 2:
         raise ValueError(f"a group needs at least 2 members to compare, got G={scores.shape[1]}")
-    rewards = scores @ weights  # (P, G)
+    rewards = reward(scores, weights, aggregation)  # (P, G)
     degenerate = rewards.std(axis=1) < eps  # (P,)
-    if aggregation == "weighted_sum":
+    if aggregation in ("weighted_sum", "gated"):
         adv = (rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, keepdims=True) + eps)
     elif aggregation == "per_dim_normalise":
         z = (scores - scores.mean(1, keepdims=True)) / (scores.std(1, keepdims=True) + eps)  # (P, G, D)
         adv = z @ weights
     else:
-        raise ValueError(f"aggregation={aggregation!r} must be 'weighted_sum' or 'per_dim_normalise'")
+        raise ValueError(f"aggregation={aggregation!r} must be one of {AGGREGATIONS}")
     adv[degenerate] = 0.0
     return rewards, np.clip(adv, -clip, clip), degenerate
 

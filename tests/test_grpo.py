@@ -30,6 +30,20 @@ def test_per_dimension_normalisation_answers_a_different_question():
         group_advantages(scores[:, :1], np.array([0.5, 0.5]))
 
 
+def test_gated_reward_pays_for_looks_only_as_far_as_the_action_was_done():
+    # (completeness, fidelity): a still object (0.0, 1.0) beats a half-done, blurry move under a
+    # fidelity-only sum; gated, only the move that was done earns anything
+    scores = np.array([[[0.0, 1.0], [1.0, 0.5], [0.5, 0.6]]])
+    r_sum, a_sum, _ = group_advantages(scores, np.array([0.0, 1.0]), "weighted_sum")
+    r_gate, a_gate, _ = group_advantages(scores, np.array([0.0, 1.0]), "gated")
+    assert r_sum[0] == pytest.approx([1.0, 0.5, 0.6]) and a_sum[0].argmax() == 0
+    assert r_gate[0] == pytest.approx([0.0, 0.5, 0.3]) and a_gate[0].argmax() == 1
+    mu, sd = np.mean([0.0, 0.5, 0.3]), np.std([0.0, 0.5, 0.3])
+    assert a_gate[0] == pytest.approx((np.array([0.0, 0.5, 0.3]) - mu) / (sd + 1e-4))
+    with pytest.raises(ValueError, match="must be one of"):
+        group_advantages(scores, np.array([0.0, 1.0]), "product")
+
+
 def test_clipped_surrogate_matches_ppo_by_hand():
     logp_old = torch.zeros(4)
     logp_new = torch.log(torch.tensor([1.002, 1.002, 0.9995, 0.9995]))
