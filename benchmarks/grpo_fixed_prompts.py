@@ -30,7 +30,7 @@ from spiral_rl.agents.critic import CriticAgent  # noqa: E402
 from spiral_rl.config import load_config_or_exit  # noqa: E402
 from spiral_rl.grpo import GRPOLearner, GRPOSettings, reward  # noqa: E402
 from spiral_rl.records import SCORE_DIMS  # noqa: E402
-from spiral_rl.rollout import _Objects, sample_sde, score_groups, to_batch  # noqa: E402
+from spiral_rl.rollout import RecordedObjects, sample_sde, score_groups, to_batch  # noqa: E402
 
 
 def ode_scores(model, critic, prompts, samples: int, weights: dict, aggregation: str) -> dict:
@@ -40,7 +40,7 @@ def ode_scores(model, critic, prompts, samples: int, weights: dict, aggregation:
         frames = model.generate(ctx, [p.sub_action.text for p in prompts] * samples,
                                 seed=[5000 + i for i in range(len(ctx))])
     verdicts = critic.score_batch(list(frames), [p.sub_action for p in prompts] * samples,
-                                  [_Objects(p.objects) for p in prompts] * samples,
+                                  [RecordedObjects(p.objects) for p in prompts] * samples,
                                   [p.next_action for p in prompts] * samples)
     scores = np.array([[v.scores[d] for d in SCORE_DIMS] for v in verdicts])  # (N, D)
     rewards = reward(scores, np.array([weights[d] for d in SCORE_DIMS]), aggregation)
@@ -62,11 +62,9 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="results file (default benchmarks/results/grpo_fixed_prompts.json)")
     ap.add_argument("overrides", nargs="*", help="config key=value (on top of configs/grpo_tiny.yaml)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     quick = ["grpo.group_size=2", "grpo.sample_steps=3", "model.sample_steps=3"] if args.quick else []
     if args.quick:
-        args.verb, args.prompts, args.episodes, args.updates, args.eval_every, args.eval_samples = "move", 1, 4, 1, 1, 1
-        args.train_steps = 1
+        vars(args).update(verb="move", prompts=1, episodes=4, updates=1, eval_every=1, eval_samples=1, train_steps=1)
     cfg = load_config_or_exit([str(ROOT / "configs" / "grpo_tiny.yaml"), "cluster.mode=local", "grpo.group_size=8",
                                *args.overrides, *quick])
     worker, critic = RolloutWorker(cfg), CriticAgent.from_config(cfg)

@@ -144,8 +144,7 @@ class RewardConfig:
     # Weights of the scalar reward; action completion dominates on purpose.
     weights: ScoreDims = param(factory=lambda: ScoreDims(0.5, 0.25, 0.15, 0.1),
                                range="[0, inf)", any_positive=True)
-    # 'weighted_sum' of raw scores; 'per_dim_normalise' each dimension over the group first;
-    # 'gated': the weighted sum times action completeness (spiral_rl/grpo.py says why).
+    # weighted_sum | per_dim_normalise (each dimension over the group) | gated (x completeness): grpo.py
     aggregation: str = param("weighted_sum", choices=("weighted_sum", "per_dim_normalise", "gated"))
 
 

@@ -36,7 +36,7 @@ class GroupSettings:
     guidance: float = 1.0
 
 
-class _Objects:
+class RecordedObjects:
     """What the critic reads from a memory: the last known object states."""
 
     def __init__(self, objects):
@@ -91,7 +91,7 @@ class Samples:
         """(frames, sub-actions, memories, next actions) per sample: CriticAgent.score_batch's arguments."""
         g = self.group_size
         return (list(self.frames), [p.sub_action for p in self.prompts for _ in range(g)],
-                [_Objects(p.objects) for p in self.prompts for _ in range(g)],
+                [RecordedObjects(p.objects) for p in self.prompts for _ in range(g)],
                 [p.next_action for p in self.prompts for _ in range(g)])
 
     @staticmethod
