@@ -132,20 +132,20 @@ class CriticConfig:
     thresholds: ScoreDims = param(factory=lambda: ScoreDims(0.8, 0.8, 0.8, 0.6), range="[0, 1]")
     # Max RGB distance (0-255 units) for a pixel to count as an object's colour.
     colour_tolerance: float = param(60.0, range="(0, 255]")
-    # A per-frame jump larger than this / segment_frames canvas widths is a teleport;
-    # dividing by segment_frames keeps the rule independent of the frame rate.
+    # A per-frame jump > this / segment_frames canvas widths is a teleport (frame-rate independent).
     teleport_canvas_per_segment: float = param(2.4, range="(0, inf)")
     # Objects not named in the instruction may drift at most this canvas fraction.
     bystander_tolerance: float = param(0.06, range="(0, 0.5]")
 
 
+AGGREGATIONS = ("weighted_sum", "per_dim_normalise", "gated")  # reward aggregations: grpo.py says what each asks
+
+
 @dataclass
 class RewardConfig:
-    # Weights of the scalar reward; action completion dominates on purpose.
-    weights: ScoreDims = param(factory=lambda: ScoreDims(0.5, 0.25, 0.15, 0.1),
+    weights: ScoreDims = param(factory=lambda: ScoreDims(0.5, 0.25, 0.15, 0.1),  # completion dominates on purpose
                                range="[0, inf)", any_positive=True)
-    # weighted_sum | per_dim_normalise (each dimension over the group) | gated (x completeness): grpo.py
-    aggregation: str = param("weighted_sum", choices=("weighted_sum", "per_dim_normalise", "gated"))
+    aggregation: str = param("weighted_sum", choices=AGGREGATIONS)
 
 
 @dataclass

@@ -37,9 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from spiral_rl.config import AGGREGATIONS
 from spiral_rl.flow import Trajectory, kl_to_reference, reduce_logprob, step_log_prob
-
-AGGREGATIONS = ("weighted_sum", "per_dim_normalise", "gated")
 
 
 class RatioDriftError(RuntimeError):
@@ -73,6 +72,8 @@ class GRPOSettings:
 
 def reward(scores: np.ndarray, weights: np.ndarray, aggregation: str = "weighted_sum") -> np.ndarray:
     """scores: (..., D) in SCORE_DIMS order (action completeness first); weights: (D,) -> (...) rewards."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation={aggregation!r} must be one of {AGGREGATIONS}")
     scores = np.asarray(scores, dtype=np.float64)
     r = scores @ np.asarray(weights, dtype=np.float64)
     return scores[..., 0] * r if aggregation == "gated" else r
@@ -91,13 +92,11 @@ def group_advantages(scores: np.ndarray, weights: np.ndarray, aggregation: str =
         raise ValueError(f"a group needs at least 2 members to compare, got G={scores.shape[1]}")
     rewards = reward(scores, weights, aggregation)  # (P, G)
     degenerate = rewards.std(axis=1) < eps  # (P,)
-    if aggregation in ("weighted_sum", "gated"):
-        adv = (rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, keepdims=True) + eps)
-    elif aggregation == "per_dim_normalise":
+    if aggregation == "per_dim_normalise":
         z = (scores - scores.mean(1, keepdims=True)) / (scores.std(1, keepdims=True) + eps)  # (P, G, D)
         adv = z @ weights
-    else:
-        raise ValueError(f"aggregation={aggregation!r} must be one of {AGGREGATIONS}")
+    else:  # weighted_sum, gated (reward() refused anything else)
+        adv = (rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, keepdims=True) + eps)
     adv[degenerate] = 0.0
     return rewards, np.clip(adv, -clip, clip), degenerate
 
