@@ -53,21 +53,11 @@ from spiral_rl.agents.critic import CriticAgent  # noqa: E402
 from spiral_rl.config import config_to_dict, load_config_or_exit, save_config, validate  # noqa: E402
 from spiral_rl.records import SCORE_DIMS  # noqa: E402
 from spiral_rl.evaluate import VAL_SEED, collate, score_examples, summarise_rows  # noqa: E402
-from spiral_rl.world.dataset import SegmentDataset  # noqa: E402
+from spiral_rl.world.dataset import SegmentDataset, batch_indices  # noqa: E402
 from spiral_rl.world_model import CHECKPOINT_NAME, WorldModel  # noqa: E402
 
 RUN_NAME = "sft"
 HISTORY_NAME = "history.json"  # in the final checkpoint: loss curve and every evaluation
-
-
-# --------------------------------------------------------------------------- data
-
-
-def batch_indices(step: int, n: int, global_batch: int, seed: int) -> np.ndarray:
-    """Dataset indices of `step`'s global batch: consecutive slices of per-epoch permutations."""
-    pos = np.arange(step * global_batch, (step + 1) * global_batch)
-    order = {e: np.random.default_rng([seed, e]).permutation(n) for e in np.unique(pos // n)}
-    return np.array([order[p // n][p % n] for p in pos])
 
 
 # --------------------------------------------------------------------------- DeepSpeed

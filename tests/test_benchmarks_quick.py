@@ -117,3 +117,19 @@ def test_policy_improvement_bars_follow_the_before_and_after_evaluations():
     bad = improvement({"eval_before": evals(0.2, 0.25, 2.0, 0.80, 0.50), "iterations": 10, "minutes": 5.0,
                        "eval_after": evals(0.2, 0.25, 2.1, 0.85, 0.45)})
     assert not any(bad["bars_met"].values()), bad
+
+
+def test_sft_recipe_search_trains_scores_and_saves_a_loadable_model(tmp_path):
+    """benchmarks/sft_recipe_search.py with a 3 s budget: it trains, prints the critic's scores as
+    JSON and writes a checkpoint that WorldModel.load reads (run from another directory)."""
+    from spiral_rl.world_model import WorldModel
+
+    cmd = [sys.executable, str(BENCH / "sft_recipe_search.py"), "smoke", "3", str(ROOT / "configs" / "sft_ci.yaml"),
+           "train.num_val_tasks=1", "train.num_train_tasks=4"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert rows and rows[-1]["run"] == "smoke" and rows[-1]["step"] >= 1
+    assert 0 <= rows[-1]["scores"]["physical_fidelity"] <= 1 and rows[-1]["scores"]["segments"] >= 1
+    model = WorldModel.load(tmp_path / "runs" / "recipe" / "smoke" / "world_model.pt")
+    assert model.num_frames == 8

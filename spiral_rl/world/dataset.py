@@ -61,3 +61,12 @@ class SegmentDataset:
 
     def __getitem__(self, i: int) -> SegmentExample:
         return self.examples[i]
+
+
+def batch_indices(step: int, n: int, global_batch: int, seed: int) -> np.ndarray:
+    """Dataset indices of `step`'s global batch: consecutive slices of per-epoch permutations of n
+    examples, a pure function of (step, seed), so a resumed run sees the batches an uninterrupted
+    one would."""
+    pos = np.arange(step * global_batch, (step + 1) * global_batch)
+    order = {e: np.random.default_rng([seed, e]).permutation(n) for e in np.unique(pos // n)}
+    return np.array([order[p // n][p % n] for p in pos])

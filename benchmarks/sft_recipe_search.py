@@ -1,0 +1,89 @@
+"""Pre-training recipe search: one world model trained for a wall-clock budget, scored by the critic.
+
+    python benchmarks/sft_recipe_search.py NAME SECONDS [config overrides]
+    python benchmarks/sft_recipe_search.py base 400 configs/sft_tiny.yaml train.batch_size=64 model.shift=3
+    python benchmarks/sft_recipe_search.py cont 420 configs/sft_tiny.yaml train.batch_size=64 model.shift=3 \
+        train.lr=1e-3 model.pretrained_path=runs/recipe/base/world_model.pt
+
+launch/sft.py is the production path (Ray Train + DeepSpeed, checkpoints, resume, many ranks).
+This script strips that away so recipes can be compared quickly, several runs sharing one GPU:
+a plain PyTorch loop on one device, the learning rate's cosine running over SECONDS of wall clock
+instead of a step count (runs given the same budget compare at equal cost). The data
+(SegmentDataset, per-epoch permutations), the loss (WorldModel.loss) and the evaluation
+(evaluate.score_examples, the critic on train.num_val_tasks val tasks) are the library's, so
+a recipe found here carries over to launch/sft.py; only the step count depends on the hardware.
+
+Prints one JSON line at half time and one at the end (step, mean loss of the last 100 steps,
+the critic's mean scores), and writes runs/recipe/NAME/world_model.pt.
+"""
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spiral_rl.agents.critic import CriticAgent
+from spiral_rl.config import load_config_or_exit
+from spiral_rl.evaluate import VAL_SEED, collate, score_examples, summarise_rows
+from spiral_rl.world.dataset import SegmentDataset, batch_indices
+from spiral_rl.world_model import WorldModel
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or "=" in argv[0]:
+        sys.exit("usage: python benchmarks/sft_recipe_search.py NAME SECONDS [config overrides]")
+    name, budget, cfg = argv[0], float(argv[1]), load_config_or_exit(argv[2:])
+    t, seed = cfg.train, cfg.run.seed
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    model = WorldModel.from_config(cfg).to(device)
+    train = SegmentDataset(cfg.world, "train", t.num_train_tasks)
+    val = SegmentDataset(cfg.world, "val", t.num_val_tasks).examples
+    critic = CriticAgent.from_config(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.99), weight_decay=t.weight_decay)
+    progress = [0.0]  # share of the wall-clock budget spent training
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / t.warmup_steps)
+                                              * 0.5 * (1 + math.cos(math.pi * min(1.0, progress[0]))))
+    gen = torch.Generator(device).manual_seed(seed + 1)
+    print(f"{name}: {sum(p.numel() for p in model.parameters()):,} params on {device}, {len(train)} train / "
+          f"{len(val)} val segments, {budget:.0f} s budget", flush=True)
+
+    losses, tic, paused, step, halfway = [], time.time(), 0.0, 0, False
+
+    def report() -> None:
+        model.eval()
+        with torch.no_grad():
+            scores = summarise_rows(score_examples(model, val, critic, 64, cfg.world.context_frames))
+        model.train()
+        print(json.dumps({"run": name, "step": step, "loss": round(float(np.mean(losses[-100:])), 4),
+                          "train_s": round(time.time() - tic - paused), "scores": scores}), flush=True)
+
+    while True:
+        progress[0] = (time.time() - tic - paused) / budget
+        if progress[0] >= 1:
+            break
+        context, frames, texts = collate([train[int(i)] for i in batch_indices(step, len(train), t.batch_size, seed)])
+        loss, _ = model.loss(context, frames, texts, generator=gen, t_sampling=t.t_sampling)
+        opt.zero_grad()
+        loss.backward()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        step += 1
+        if progress[0] >= 0.5 and not halfway:
+            halfway, start = True, time.time()
+            report()
+            paused += time.time() - start  # evaluation time is not training budget
+    report()
+    out = model.save(Path("runs/recipe") / name / "world_model.pt")
+    print(f"{name}: wrote {out} (val noise seed {VAL_SEED})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
