@@ -33,9 +33,14 @@ from spiral_rl.world_model import WorldModel
 
 
 def main(argv: list[str]) -> int:
+    usage = "usage: python benchmarks/sft_recipe_search.py NAME SECONDS [config overrides]"
     if len(argv) < 2 or "=" in argv[0]:
-        sys.exit("usage: python benchmarks/sft_recipe_search.py NAME SECONDS [config overrides]")
-    name, budget, cfg = argv[0], float(argv[1]), load_config_or_exit(argv[2:])
+        sys.exit(usage)
+    try:
+        budget = float(argv[1])
+    except ValueError:
+        sys.exit(f"SECONDS must be a number of seconds, got {argv[1]!r}; {usage}")
+    name, cfg = argv[0], load_config_or_exit(argv[2:])
     t, seed = cfg.train, cfg.run.seed
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
