@@ -6,6 +6,7 @@ directory first on sys.path).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import platform
@@ -144,6 +145,16 @@ def dit_forward_flops(cfg, tokens: int, text_len: int, batch: int = 1) -> float:
 
 
 # --------------------------------------------------------------------------- records
+
+
+def checkpoint_id(path: str | Path, root: str | Path = ".") -> dict:
+    """{"checkpoint": path, "sha256": first 16 hex digits} of a world-model checkpoint (a file or a
+    dir holding world_model.pt; a relative path is read under `root`), so a result names the
+    weights it was measured on even after checkpoints/tiny_sft.pt is replaced."""
+    from spiral_rl.world_model import checkpoint_file
+
+    file = checkpoint_file(Path(root) / path)
+    return {"checkpoint": str(path), "sha256": hashlib.sha256(file.read_bytes()).hexdigest()[:16]}
 
 
 def write_record(name: str, device: str, config: dict, metrics: dict, quick: bool, out: str | None) -> Path:

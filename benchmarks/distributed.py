@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_name, write_record  # noqa: E402
+from _common import checkpoint_id, cpu_name, write_record  # noqa: E402
 
 class GPUSampler:
     """utilization.gpu of every GPU every 100 ms, with host timestamps, in a background thread."""
@@ -134,10 +134,14 @@ def main() -> int:
         res = run_driver("embedded default", [str(ROOT / "configs" / "grpo_tiny.yaml")], tmp / "cpu", None,
                          args.iterations or 10)
         device = f"{cpu_name()}, {os.cpu_count()} cores (local Ray, gloo)"
-        write_record("distributed_cpu", device, {"config": "configs/grpo_tiny.yaml"}, res, args.quick, args.out)
+        from spiral_rl.config import load_config
+
+        ckpt = load_config([str(ROOT / "configs" / "grpo_tiny.yaml")]).model.pretrained_path
+        config = {"config": "configs/grpo_tiny.yaml", **checkpoint_id(ckpt, ROOT)}
+        write_record("distributed_cpu", device, config, res, args.quick, args.out)
         gain = improvement(res)
         print("policy improvement:", json.dumps(gain), flush=True)
-        write_record("grpo_improvement", device, {"config": "configs/grpo_tiny.yaml"}, gain, args.quick,
+        write_record("grpo_improvement", device, config, gain, args.quick,
                      None if not args.out else str(Path(args.out).with_name("grpo_improvement.json")))
         return 0
 

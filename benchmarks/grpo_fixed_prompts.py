@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from _common import cpu_name, write_record  # noqa: E402  (benchmarks/ is first on sys.path)
+from _common import checkpoint_id, cpu_name, write_record  # noqa: E402  (benchmarks/ is first on sys.path)
 from actors.rollout import RolloutWorker, group_settings  # noqa: E402
 from spiral_rl.agents.critic import CriticAgent  # noqa: E402
 from spiral_rl.config import load_config_or_exit  # noqa: E402
@@ -106,7 +106,7 @@ def main() -> int:
                "reward_gain_held_out": round(last["held_out_ode"]["reward"] - first["held_out_ode"]["reward"], 4),
                "minutes": round((time.time() - tic) / 60, 2)}
     write_record("grpo_fixed_prompts", f"{cpu_name()} (CPU, {torch.get_num_threads()} threads)",
-                 {"overrides": args.overrides}, metrics, args.quick, args.out)
+                 {"overrides": args.overrides, **checkpoint_id(cfg.model.pretrained_path)}, metrics, args.quick, args.out)
     return 0
 
 

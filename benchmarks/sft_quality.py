@@ -23,7 +23,7 @@ from spiral_rl.evaluate import score_examples, summarise_rows
 from spiral_rl.world.dataset import SegmentDataset
 from spiral_rl.world_model import WorldModel
 
-from _common import cpu_name  # benchmarks/ is first on sys.path
+from _common import checkpoint_id, cpu_name  # benchmarks/ is first on sys.path
 
 BAR = {"action_completeness": 0.6, "physical_fidelity": 0.8}
 
@@ -42,6 +42,7 @@ def main(argv: list[str]) -> int:
     device = f"{cpu_name()} (sampling and scoring; where the checkpoint was trained: checkpoints/README.md or its run)"
     record = {"command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/sft_quality.py", *argv]),
               "device": device, "date": datetime.date.today().isoformat(),
+              "config": checkpoint_id(ckpt_path),
               "metrics": {"checkpoint": ckpt_path, "sample_steps": model.cfg.sample_steps, "shift": model.cfg.shift,
                           "scores": scores, "by_verb": by_verb,
                           "bar": BAR, "bar_met": all(scores[k] >= v for k, v in BAR.items())}}
