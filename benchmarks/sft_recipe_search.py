@@ -49,9 +49,6 @@ def main(argv: list[str]) -> int:
     val = SegmentDataset(cfg.world, "val", t.num_val_tasks).examples
     critic = CriticAgent.from_config(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.99), weight_decay=t.weight_decay)
-    progress = [0.0]  # share of the wall-clock budget spent training
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / t.warmup_steps)
-                                              * 0.5 * (1 + math.cos(math.pi * min(1.0, progress[0]))))
     gen = torch.Generator(device).manual_seed(seed + 1)
     print(f"{name}: {sum(p.numel() for p in model.parameters()):,} params on {device}, {len(train)} train / "
           f"{len(val)} val segments, {budget:.0f} s budget", flush=True)
@@ -67,9 +64,11 @@ def main(argv: list[str]) -> int:
                           "train_s": round(time.time() - tic - paused), "scores": scores}), flush=True)
 
     while True:
-        progress[0] = (time.time() - tic - paused) / budget
-        if progress[0] >= 1:
+        progress = (time.time() - tic - paused) / budget  # share of the budget spent training
+        if progress >= 1:
             break
+        for group in opt.param_groups:  # linear warm-up by step, cosine over the wall clock
+            group["lr"] = t.lr * min(1.0, (step + 1) / t.warmup_steps) * 0.5 * (1 + math.cos(math.pi * progress))
         context, frames, texts = collate([train[int(i)] for i in batch_indices(step, len(train), t.batch_size, seed)])
         loss, _ = model.loss(context, frames, texts, generator=gen, t_sampling=t.t_sampling)
         opt.zero_grad()
@@ -77,10 +76,9 @@ def main(argv: list[str]) -> int:
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
-        sched.step()
         losses.append(loss.item())
         step += 1
-        if progress[0] >= 0.5 and not halfway:
+        if progress >= 0.5 and not halfway:
             halfway, start = True, time.time()
             report()
             paused += time.time() - start  # evaluation time is not training budget
