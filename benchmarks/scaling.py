@@ -52,7 +52,7 @@ def layout(n: int, gpu: bool) -> dict:
     return {"learners": n // 2, "rollouts": n // 2, "gpu_share": 1.0 if gpu else 0.0}
 
 
-def overrides(n: int, quick: bool, gpu: bool) -> list[str]:
+def overrides(n: int, quick: bool, gpu: bool, offload: bool = True, micro_batch: int = 4) -> list[str]:
     lay = layout(n, gpu)
     k, r, share = lay["learners"], lay["rollouts"], lay["gpu_share"]
     args = ["model.preset=tiny" if quick else "model.preset=wan2.2-5b-pixel", "grpo.random_init=true",
@@ -62,7 +62,7 @@ def overrides(n: int, quick: bool, gpu: bool) -> list[str]:
             "grpo.window=4", "grpo.train_steps=2", "grpo.kl_coef=0", "grpo.pipeline=true", "grpo.eval_tasks=1",
             "grpo.eval_every=0", "grpo.checkpoint_every=0", "loop.max_retries=1", "loop.max_replans=1",
             f"cluster.learner_ranks={k}", f"cluster.rollout_workers={r}", f"cluster.critic_servers={r}",
-            "cluster.zero_stage=3", "cluster.offload_optimizer=true", "cluster.micro_batch=4",
+            "cluster.zero_stage=3", f"cluster.offload_optimizer={str(offload).lower()}", f"cluster.micro_batch={micro_batch}",
             f"cluster.learner_gpus={share}", f"cluster.rollout_gpus={share}", "cluster.weight_sync=auto"]
     if quick:
         args += ["cluster.learner_cpus=1", "cluster.rollout_cpus=1", "cluster.critic_cpus=0.25",
@@ -92,6 +92,10 @@ def main() -> int:
     ap.add_argument("--gpus", default="2,4", help="comma-separated GPU counts, each 1 or even")
     ap.add_argument("--iterations", type=int, default=4, help="per configuration; the first is warm-up")
     ap.add_argument("--quick", action="store_true", help="tiny model on CPU, the logic only")
+    ap.add_argument("--no-offload", action="store_true",
+                    help="keep the optimizer state on the GPUs (needs K >= 2 learner ranks for 5B on 80 GB cards)")
+    ap.add_argument("--micro-batch", type=int, default=4,
+                    help="segment-steps per learner forward (cluster.micro_batch; ZeRO-3's per-call cost favours more)")
     ap.add_argument("--out", default=None, help="results file (default benchmarks/results/scaling.json)")
     args = ap.parse_args()
     import torch
@@ -112,7 +116,9 @@ def main() -> int:
     sampler = GPUSampler() if gpu else None
     try:
         for n in counts:
-            cfg_args = overrides(n, args.quick, gpu)
+            if args.no_offload and layout(n, gpu)["learners"] < 2 and not args.quick:
+                raise SystemExit(f"--no-offload --gpus {n}: one learner rank cannot hold 80 GB of fp32 state")
+            cfg_args = overrides(n, args.quick, gpu, offload=not args.no_offload, micro_batch=args.micro_batch)
             res = run_driver(f"{n} GPU(s)", cfg_args, tmp / f"n{n}", sampler, args.iterations)
             lay = layout(n, gpu)
             flops = learner_flops(cfg_args, res["segments_per_iteration"])
@@ -142,7 +148,8 @@ def summarise_and_write(runs: dict, device: str, args, out: Path) -> None:
              for n in sorted(runs, key=int)}
     print("scaling:", json.dumps({"per_gpus": table, "efficiency": eff}), flush=True)
     config = {"preset": "tiny" if args.quick else "wan2.2-5b-pixel", "per_rollout_worker": PER_WORKER,
-              "overrides_at_2": overrides(2, args.quick, not args.quick)}
+              "overrides_at_2": overrides(2, args.quick, not args.quick, offload=not args.no_offload,
+                                                micro_batch=args.micro_batch)}
     write_record("scaling", device, config, {"runs": runs, "scaling_efficiency": eff,
                                              "samples_per_s": {n: runs[n]["samples_per_s"] for n in runs}},
                  args.quick, str(out))
