@@ -99,6 +99,22 @@ def test_scaling_quick_weak_scales_and_reports_efficiency(tmp_path):
     assert eff == pytest.approx(four["samples_per_s"] / two["samples_per_s"] / 2, abs=1e-3)
 
 
+def test_scaling_options_reach_the_driver_config():
+    """--no-offload and --micro-batch change exactly the learner keys they name, and the resulting
+    config still validates (the micro-batch divides the per-rank batch)."""
+    sys.path.insert(0, str(BENCH))
+    from scaling import overrides
+    from spiral_rl.config import load_config
+
+    base, changed = overrides(4, False, True), overrides(4, False, True, offload=False, micro_batch=16)
+    diff = sorted(set(changed) - set(base))
+    assert diff == ["cluster.micro_batch=16", "cluster.offload_optimizer=false"]
+    cfg = load_config(changed)
+    assert (cfg.cluster.offload_optimizer, cfg.cluster.micro_batch, cfg.cluster.learner_ranks) == (False, 16, 2)
+    with pytest.raises(Exception, match="micro_batch"):  # 32 segments per rank: 24 does not divide them
+        load_config(overrides(4, False, True, micro_batch=24))
+
+
 def test_policy_improvement_bars_follow_the_before_and_after_evaluations():
     """benchmarks/distributed.py cpu turns its run's evaluations into the issue's figures; each bar
     is decided by the numbers (a hand-made run that clears all four, then one that clears none)."""
