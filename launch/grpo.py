@@ -79,9 +79,13 @@ def print_plan(cfg) -> None:
     print("derived quantities:\n" + "\n".join(f"  {name:<27}{value:>6}   {why}" for name, value, why in rows), flush=True)
 
 
-def choose_prompts(prompts: list, n: int, rng: np.random.Generator) -> tuple[list, int]:
+def choose_prompts(prompts: list, n: int, rng: np.random.Generator, focus: str = "all") -> tuple[list, int]:
     """Exactly n prompts: a random subset, or all of them topped up by repeats (each repeat is a new
-    group with new seeds). Returns (prompts, repeats)."""
+    group with new seeds). focus='retried' fills the subset with the steps the critic rejected at
+    first try before any other. Returns (prompts, repeats)."""
+    if len(prompts) >= n and focus == "retried":  # stable sort: random among the retried, then the rest
+        order = sorted(rng.permutation(len(prompts)), key=lambda i: not prompts[i].retried)
+        return [prompts[i] for i in sorted(order[:n])], 0
     if len(prompts) >= n:
         return [prompts[i] for i in sorted(rng.choice(len(prompts), n, replace=False))], 0
     extra = rng.choice(len(prompts), n - len(prompts), replace=True)
@@ -198,7 +202,7 @@ def produce(cfg, stages, it: int, task_index: int, version: int) -> dict:
     times = {}
     t0 = time.perf_counter()
     found, ep = stages.episodes(task_index, rng.integers(0, 2**31, size=g.episodes_per_iter).tolist())
-    prompts, repeats = choose_prompts(found, g.prompts_per_iter, rng)
+    prompts, repeats = choose_prompts(found, g.prompts_per_iter, rng, g.prompt_focus)
     times["rollout"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

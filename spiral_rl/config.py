@@ -197,6 +197,8 @@ class GRPOConfig:
     iterations: int = param(40, range="[1, inf)")
     episodes_per_iter: int = param(4, range="[1, inf)")  # closed-loop train episodes that supply prompts
     prompts_per_iter: int = param(8, range="[1, inf)")  # (context, sub-action) prompts sampled from them
+    # 'retried': steps whose first attempt the critic rejected come first, then the rest at random.
+    prompt_focus: str = param("all", choices=("all", "retried"))
     group_size: int = param(4, range="[2, inf)")  # SDE samples per prompt (G)
     sample_steps: int = param(10, range="[1, inf)")  # SDE denoising steps per sample
     noise_level: float = param(0.7, range="(0, inf)")  # Flow-GRPO's 'a' in sigma_t = a sqrt(t / (1 - t))
@@ -214,10 +216,8 @@ class GRPOConfig:
     eval_every: int = param(10, range="[0, inf)")  # iterations; 0 = only before and after
     eval_tasks: int = param(24, range="[1, inf)")  # run.split tasks for the mode comparison
     replay_capacity: int = param(20000, range="[1, inf)")  # scored segments kept on disk
-    # Every N iterations save learner, driver state and replay position under checkpoints/ (0 = only at the end).
-    checkpoint_every: int = param(10, range="[0, inf)")
-    # Continue from the latest checkpoint in run.output_dir (else that dir must hold none).
-    resume: bool = False
+    checkpoint_every: int = param(10, range="[0, inf)")  # iterations between saves under checkpoints/ (0: at the end)
+    resume: bool = False  # go on from run.output_dir's latest checkpoint (else it must hold none)
     # Iteration n+1's rollouts overlap iteration n's learner step (cluster.mode=ray; one update off-policy).
     pipeline: bool = False
     # Allow model.pretrained_path='' (random weights): throughput benchmarks only.

@@ -96,7 +96,8 @@ class Prompt:
     """A GRPO prompt, taken from a closed-loop episode where the loop needed a segment.
 
     context: (K, H, W, 3) uint8 frames from memory; objects: memory's last known states (the
-    critic's reference); next_action: the following step, whose pre-conditions the critic checks.
+    critic's reference); next_action: the following step, whose pre-conditions the critic checks;
+    retried: the critic rejected the loop's first attempt at this step.
     """
 
     context: np.ndarray
@@ -104,6 +105,7 @@ class Prompt:
     objects: tuple[ObjectState, ...]
     next_action: SubAction | None = None
     task_id: str = ""
+    retried: bool = False
 
 
 @dataclass

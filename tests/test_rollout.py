@@ -63,3 +63,28 @@ def test_model_generator_is_a_loop_generator(setup):
     ep = loop.run(task, WorldMemory.from_task(task, cfg))
     assert ep.video.shape[1:] == (16, 16, 3) and len(ep.steps) >= 1
     assert all(a.verdict.decision in ("accept", "refine", "replan") for s in ep.steps for a in s.attempts)
+
+
+def test_prompts_mark_retried_steps_and_focus_puts_them_first():
+    """A step whose first attempt the critic rejected becomes a `retried` prompt; with
+    grpo.prompt_focus=retried launch/grpo.py's choose_prompts takes every such prompt before any other."""
+    import importlib.util
+    from pathlib import Path
+    cfg = load_config(["world.frame_size=32", "world.segment_frames=4"])  # at 16 px most first tries fail
+    sampler, planner, critic = TaskSampler(cfg.world), PlanAgent.from_config(cfg), CriticAgent.from_config(cfg)
+    loop = ClosedLoop(planner, critic, ScriptedGenerator(planner.physics, 32, 0.3), LoopSettings("spiral", max_retries=2))
+    episodes = [loop.run(t, WorldMemory.from_task(t, cfg), seed=i) for i, t in enumerate(sampler.tasks("train", 6))]
+    prompts = prompts_from_episodes(episodes)
+    flags = [p.retried for p in prompts]
+    assert flags == [s.attempts[0].verdict.decision != "accept" for e in episodes for s in e.steps]
+    n_retried = sum(flags)
+    assert 0 < n_retried < len(prompts) - 1  # this seed gives both kinds, so the test can tell them apart
+
+    spec = importlib.util.spec_from_file_location("grpo_driver", Path(__file__).parents[1] / "launch" / "grpo.py")
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    n = n_retried + 1
+    chosen, repeats = driver.choose_prompts(prompts, n, np.random.default_rng(0), "retried")
+    assert repeats == 0 and len(chosen) == n and sum(p.retried for p in chosen) == n_retried
+    plain = [driver.choose_prompts(prompts, n, np.random.default_rng(s))[0] for s in range(20)]
+    assert min(sum(p.retried for p in c) for c in plain) < n_retried  # uniform draws leave some out
