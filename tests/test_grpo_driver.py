@@ -25,6 +25,7 @@ def test_grpo_driver_runs_every_stage(tmp_path):
     assert [r["iteration"] for r in rows] == [1, 2]
     for r in rows:
         assert r["segments"] == 6 and set(r) >= {"time/rollout", "time/sample", "time/learner", "reward_mean"}
+        assert 0 <= r["prompts_retried"] <= 2  # of grpo_ci's 2 prompts per iteration
         if "loss/first_ratio_max_dev" in r:  # a step ran (not every group degenerate)
             assert r["loss/first_ratio_max_dev"] < 1e-3
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
