@@ -62,7 +62,8 @@ def overrides(n: int, quick: bool, gpu: bool, offload: bool = True, micro_batch:
             "grpo.window=4", "grpo.train_steps=2", "grpo.kl_coef=0", "grpo.pipeline=true", "grpo.eval_tasks=1",
             "grpo.eval_every=0", "grpo.checkpoint_every=0", "loop.max_retries=1", "loop.max_replans=1",
             f"cluster.learner_ranks={k}", f"cluster.rollout_workers={r}", f"cluster.critic_servers={r}",
-            "cluster.zero_stage=3", f"cluster.offload_optimizer={str(offload).lower()}", f"cluster.micro_batch={micro_batch}",
+            "cluster.zero_stage=3", f"cluster.offload_optimizer={str(offload).lower()}",
+            f"cluster.micro_batch={micro_batch}",
             f"cluster.learner_gpus={share}", f"cluster.rollout_gpus={share}", "cluster.weight_sync=auto"]
     if quick:
         args += ["cluster.learner_cpus=1", "cluster.rollout_cpus=1", "cluster.critic_cpus=0.25",

@@ -304,7 +304,8 @@ def run(cfg, stages, out: Path, ckpts: Checkpoints, resume: dict | None) -> int:
         ep = data["episodes"]
         memory = {"memory/learner_peak_gib": upd.pop("peak_memory_gib")} if "peak_memory_gib" in upd else {}
         row = {"iteration": it, **stats, "prompts_found": data["found"], "prompts_repeated": data["repeats"],
-               "prompts_retried": data["retried"], "policy_lag": lag, **{f"loss/{k}": v for k, v in upd.items()}, **memory,
+               "prompts_retried": data["retried"], "policy_lag": lag,
+               **{f"loss/{k}": v for k, v in upd.items()}, **memory,
                "episode_success": float(np.mean(ep["success"])), "attempts_per_step": float(np.mean(ep["attempts"])),
                **{f"time/{k}": round(v, 3) for k, v in times.items()}, "time/iteration": round(elapsed, 3),
                "segments_per_s": stats["segments"] / elapsed}

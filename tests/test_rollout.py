@@ -72,7 +72,8 @@ def test_prompts_mark_retried_steps_and_focus_puts_them_first():
     from pathlib import Path
     cfg = load_config(["world.frame_size=32", "world.segment_frames=4"])  # at 16 px most first tries fail
     sampler, planner, critic = TaskSampler(cfg.world), PlanAgent.from_config(cfg), CriticAgent.from_config(cfg)
-    loop = ClosedLoop(planner, critic, ScriptedGenerator(planner.physics, 32, 0.3), LoopSettings("spiral", max_retries=2))
+    loop = ClosedLoop(planner, critic, ScriptedGenerator(planner.physics, 32, 0.3),
+                      LoopSettings("spiral", max_retries=2))
     episodes = [loop.run(t, WorldMemory.from_task(t, cfg), seed=i) for i, t in enumerate(sampler.tasks("train", 6))]
     prompts = prompts_from_episodes(episodes)
     flags = [p.retried for p in prompts]
