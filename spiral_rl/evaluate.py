@@ -65,6 +65,11 @@ def summarise(episodes: Sequence[Episode]) -> dict:
            "steps": len(steps)}
     for d in SCORE_DIMS:
         out[d] = float(np.mean([s.verdict.scores[d] for s in steps])) if steps else 0.0
+    # Per verb, because a mean over steps hides which skill is missing (one verb can hold a mode's gap).
+    out["by_verb"] = {}
+    for verb in sorted({s.sub_action.verb for s in steps}):
+        done = [s.verdict.scores["action_completeness"] for s in steps if s.sub_action.verb == verb]
+        out["by_verb"][verb] = {"steps": len(done), "action_completeness": float(np.mean(done))}
     return out
 
 
@@ -82,7 +87,11 @@ def evaluate(planner, critic, generator, tasks: Sequence[Task], cfg, base: LoopS
 
 
 def format_table(results: dict[str, dict]) -> str:
+    """One row per mode, then each mode's completeness per verb (score / steps)."""
     cols = ["success_rate", "attempts_per_step", *SCORE_DIMS]
     head = f"{'mode':<10}" + "".join(f"{c[:14]:>16}" for c in cols)
     rows = [f"{m:<10}" + "".join(f"{r[c]:>16.3f}" for c in cols) for m, r in results.items()]
-    return "\n".join([head, *rows])
+    verbs = [f"{m:<10}completeness by verb: " + "  ".join(f"{v} {d['action_completeness']:.2f}/{d['steps']}"
+                                                          for v, d in r.get("by_verb", {}).items())
+             for m, r in results.items()]
+    return "\n".join([head, *rows, *verbs])

@@ -100,3 +100,28 @@ def test_drift_against_the_next_steps_preconditions_triggers_a_replan(cfg, parts
         assert ep.steps[1].verdict.decision != "refine"
         replanned.append(task.task_id)
     assert len(candidates) == 6 and len(replanned) >= 2
+
+
+def test_evaluation_breaks_completeness_down_by_verb_and_merges_across_workers(cfg, parts):
+    """spiral_rl.evaluate reports completeness per verb (weighted back, it is the overall mean), and
+    actors.rollout.merge_evaluations joins two workers' halves into the whole list's numbers."""
+    from actors.rollout import merge_evaluations
+    from spiral_rl.evaluate import evaluate
+    sampler, planner, critic = parts
+    gen = ScriptedGenerator(planner.physics, cfg.world.frame_size, 0.4)
+    tasks = sampler.tasks("val", 8)
+    base = LoopSettings("spiral")
+    whole = evaluate(planner, critic, gen, tasks, cfg, base, modes=("plan_only",), seed=5)["plan_only"]
+    by_verb = whole["by_verb"]
+    assert len(by_verb) >= 2 and sum(v["steps"] for v in by_verb.values()) == whole["steps"]
+    assert sum(v["action_completeness"] * v["steps"] for v in by_verb.values()) / whole["steps"] == \
+        pytest.approx(whole["action_completeness"])
+    assert min(v["action_completeness"] for v in by_verb.values()) < 1.0  # failures were injected
+    halves = [evaluate(planner, critic, gen, tasks[:3], cfg, base, modes=("plan_only",), seed=5),
+              evaluate(planner, critic, gen, tasks[3:], cfg, base, modes=("plan_only",), seed=5 + 30_000)]
+    merged = merge_evaluations(halves)["plan_only"]
+    for key in ("success_rate", "attempts_per_step", "action_completeness", "physical_fidelity"):
+        assert merged[key] == pytest.approx(whole[key]), key
+    for verb, v in by_verb.items():
+        assert merged["by_verb"][verb]["steps"] == v["steps"]
+        assert merged["by_verb"][verb]["action_completeness"] == pytest.approx(v["action_completeness"])
