@@ -2,6 +2,7 @@
 
     python benchmarks/scaling.py --gpus 2,4            # results/scaling.json (merged with what it holds)
     python benchmarks/scaling.py --gpus 1 --iterations 4
+    python benchmarks/scaling.py --gpus 4 --no-offload --micro-batch 16 --out benchmarks/results/scaling_no_offload.json
     python benchmarks/scaling.py --quick               # the same logic on CPU, tiny model, seconds
 
 Model: preset wan2.2-5b-pixel, Wan2.2-TI2V-5B's transformer blocks (dim 3072, 30 layers, 24 heads
