@@ -112,12 +112,13 @@ def merge_evaluations(parts: list[dict]) -> dict:
              "success_rate": sum(r["success_rate"] * r["tasks"] for r in rows) / max(tasks, 1)}
         for key in ("attempts_per_step", *SCORE_DIMS):
             m[key] = sum(r[key] * r["steps"] for r in rows) / max(steps, 1)
-        verbs = sorted({v for r in rows for v in r.get("by_verb", {})})
-        m["by_verb"] = {}
-        for v in verbs:
-            parts_v = [r["by_verb"][v] for r in rows if v in r.get("by_verb", {})]
-            n = sum(p["steps"] for p in parts_v)
-            m["by_verb"][v] = {"steps": n, "action_completeness": sum(p["action_completeness"] * p["steps"]
-                                                                     for p in parts_v) / n}
+        done = {}  # verb -> [steps, completeness summed over them]
+        for r in rows:
+            for verb, v in r.get("by_verb", {}).items():
+                acc = done.setdefault(verb, [0, 0.0])
+                acc[0] += v["steps"]
+                acc[1] += v["action_completeness"] * v["steps"]
+        m["by_verb"] = {verb: {"steps": n, "action_completeness": total / n}
+                        for verb, (n, total) in sorted(done.items())}
         out[mode] = m
     return out

@@ -118,11 +118,11 @@ def main() -> int:
     sampler = GPUSampler() if gpu else None
     try:
         for n in counts:
-            if args.no_offload and layout(n, gpu)["learners"] < 2 and not args.quick:
+            lay = layout(n, gpu)
+            if args.no_offload and lay["learners"] < 2 and not args.quick:
                 raise SystemExit(f"--no-offload --gpus {n}: one learner rank cannot hold 80 GB of fp32 state")
             cfg_args = overrides(n, args.quick, gpu, offload=not args.no_offload, micro_batch=args.micro_batch)
             res = run_driver(f"{n} GPU(s)", cfg_args, tmp / f"n{n}", sampler, args.iterations)
-            lay = layout(n, gpu)
             flops = learner_flops(cfg_args, res["segments_per_iteration"])
             res |= lay | {"gpus": n, "learner_tflop_per_update": round(flops / 1e12, 6),
                           "command": shlex.join(getattr(sys, "orig_argv", sys.argv))}  # runs merge across calls

@@ -83,11 +83,12 @@ def choose_prompts(prompts: list, n: int, rng: np.random.Generator, focus: str =
     """Exactly n prompts: a random subset, or all of them topped up by repeats (each repeat is a new
     group with new seeds). focus='retried' fills the subset with the steps the critic rejected at
     first try before any other. Returns (prompts, repeats)."""
-    if len(prompts) >= n and focus == "retried":  # stable sort: random among the retried, then the rest
-        order = sorted(rng.permutation(len(prompts)), key=lambda i: not prompts[i].retried)
-        return [prompts[i] for i in sorted(order[:n])], 0
     if len(prompts) >= n:
-        return [prompts[i] for i in sorted(rng.choice(len(prompts), n, replace=False))], 0
+        if focus == "retried":  # stable sort: random among the retried, then random among the rest
+            picked = sorted(rng.permutation(len(prompts)), key=lambda i: not prompts[i].retried)[:n]
+        else:
+            picked = rng.choice(len(prompts), n, replace=False)
+        return [prompts[i] for i in sorted(picked)], 0
     extra = rng.choice(len(prompts), n - len(prompts), replace=True)
     return prompts + [prompts[i] for i in extra], n - len(prompts)
 
