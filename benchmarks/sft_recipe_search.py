@@ -1,14 +1,16 @@
 """Pre-training recipe search: one world model trained for a wall-clock budget, scored by the critic.
 
-    python benchmarks/sft_recipe_search.py NAME SECONDS [config overrides]
+    python benchmarks/sft_recipe_search.py NAME BUDGET [config overrides]
     python benchmarks/sft_recipe_search.py base 400 configs/sft_tiny.yaml train.batch_size=64 model.shift=3
     python benchmarks/sft_recipe_search.py cont 420 configs/sft_tiny.yaml train.batch_size=64 model.shift=3 \
         train.lr=1e-3 model.pretrained_path=runs/recipe/base/world_model.pt
+    python benchmarks/sft_recipe_search.py b16 6000steps configs/sft_tiny.yaml train.batch_size=16 model.shift=3
 
 launch/sft.py is the production path (Ray Train + DeepSpeed, checkpoints, resume, many ranks).
 This script strips that away so recipes can be compared quickly, several runs sharing one GPU:
-a plain PyTorch loop on one device, the learning rate's cosine running over SECONDS of wall clock
-instead of a step count (runs given the same budget compare at equal cost). The data
+a plain PyTorch loop on one device, the learning rate's cosine running over BUDGET: SECONDS of
+wall clock (runs given the same budget compare at equal cost) or, written `<N>steps`, N steps
+like launch/sft.py (runs given the same steps x batch compare at equal data). The data
 (SegmentDataset, per-epoch permutations), the loss (WorldModel.loss) and the evaluation
 (evaluate.score_examples, the critic on train.num_val_tasks val tasks) are the library's, so
 a recipe found here carries over to launch/sft.py; only the step count depends on the hardware.
@@ -33,13 +35,16 @@ from spiral_rl.world_model import WorldModel
 
 
 def main(argv: list[str]) -> int:
-    usage = "usage: python benchmarks/sft_recipe_search.py NAME SECONDS [config overrides]"
+    usage = "usage: python benchmarks/sft_recipe_search.py NAME BUDGET [config overrides]  (BUDGET: seconds or <N>steps)"
     if len(argv) < 2 or "=" in argv[0]:
         sys.exit(usage)
+    by_steps = argv[1].endswith("steps")
     try:
-        budget = float(argv[1])
+        budget = float(argv[1].removesuffix("steps"))
     except ValueError:
-        sys.exit(f"SECONDS must be a number of seconds, got {argv[1]!r}; {usage}")
+        budget = 0.0
+    if budget <= 0 or (by_steps and budget != int(budget)):
+        sys.exit(f"BUDGET must be a positive number of seconds or <N>steps, got {argv[1]!r}; {usage}")
     name, cfg = argv[0], load_config_or_exit(argv[2:])
     t, seed = cfg.train, cfg.run.seed
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,7 +56,7 @@ def main(argv: list[str]) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.99), weight_decay=t.weight_decay)
     gen = torch.Generator(device).manual_seed(seed + 1)
     print(f"{name}: {sum(p.numel() for p in model.parameters()):,} params on {device}, {len(train)} train / "
-          f"{len(val)} val segments, {budget:.0f} s budget", flush=True)
+          f"{len(val)} val segments, budget {argv[1]}", flush=True)
 
     losses, tic, paused, step, halfway = [], time.time(), 0.0, 0, False
 
@@ -63,12 +68,15 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"run": name, "step": step, "loss": round(float(np.mean(losses[-100:])), 4),
                           "train_s": round(time.time() - tic - paused), "scores": scores}), flush=True)
 
+    def progress() -> float:  # share of the budget spent training
+        return step / budget if by_steps else (time.time() - tic - paused) / budget
+
     while True:
-        progress = (time.time() - tic - paused) / budget  # share of the budget spent training
-        if progress >= 1:
+        done = progress()
+        if done >= 1:
             break
-        for group in opt.param_groups:  # linear warm-up by step, cosine over the wall clock
-            group["lr"] = t.lr * min(1.0, (step + 1) / t.warmup_steps) * 0.5 * (1 + math.cos(math.pi * progress))
+        for group in opt.param_groups:  # linear warm-up by step, cosine over the budget
+            group["lr"] = t.lr * min(1.0, (step + 1) / t.warmup_steps) * 0.5 * (1 + math.cos(math.pi * done))
         context, frames, texts = collate([train[int(i)] for i in batch_indices(step, len(train), t.batch_size, seed)])
         loss, _ = model.loss(context, frames, texts, generator=gen, t_sampling=t.t_sampling)
         opt.zero_grad()
@@ -78,7 +86,7 @@ def main(argv: list[str]) -> int:
         opt.step()
         losses.append(loss.item())
         step += 1
-        if progress >= 0.5 and not halfway:
+        if progress() >= 0.5 and not halfway:
             halfway, start = True, time.time()
             report()
             paused += time.time() - start  # evaluation time is not training budget

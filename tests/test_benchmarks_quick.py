@@ -136,16 +136,21 @@ def test_policy_improvement_bars_follow_the_before_and_after_evaluations():
 
 
 def test_sft_recipe_search_trains_scores_and_saves_a_loadable_model(tmp_path):
-    """benchmarks/sft_recipe_search.py with a 3 s budget: it trains, prints the critic's scores as
-    JSON and writes a checkpoint that WorldModel.load reads (run from another directory)."""
+    """benchmarks/sft_recipe_search.py with a budget of 6 steps: it trains exactly that many, reports
+    at half way and at the end, prints the critic's scores as JSON and writes a checkpoint that
+    WorldModel.load reads (run from another directory). A budget that is neither seconds nor
+    <N>steps is refused by name."""
     from spiral_rl.world_model import WorldModel
 
-    cmd = [sys.executable, str(BENCH / "sft_recipe_search.py"), "smoke", "3", str(ROOT / "configs" / "sft_ci.yaml"),
+    script = str(BENCH / "sft_recipe_search.py")
+    bad = subprocess.run([sys.executable, script, "smoke", "6stepz"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "BUDGET must be" in bad.stderr and "'6stepz'" in bad.stderr
+    cmd = [sys.executable, script, "smoke", "6steps", str(ROOT / "configs" / "sft_ci.yaml"),
            "train.num_val_tasks=1", "train.num_train_tasks=4"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert rows and rows[-1]["run"] == "smoke" and rows[-1]["step"] >= 1
+    assert [r["step"] for r in rows] == [3, 6] and rows[-1]["run"] == "smoke"
     assert 0 <= rows[-1]["scores"]["physical_fidelity"] <= 1 and rows[-1]["scores"]["segments"] >= 1
     model = WorldModel.load(tmp_path / "runs" / "recipe" / "smoke" / "world_model.pt")
     assert model.num_frames == 8
