@@ -222,8 +222,10 @@ def train_loop(loop_config: dict) -> None:
             row = {"step": step, "loss": round(mean.item() / world, 5), "lr": engine.get_lr()[0],
                    "samples_per_s": round(len(window) * global_batch / elapsed, 2)}
             history["train"].append(row)
+            left_s = (t.steps - step) * global_batch / max(row["samples_per_s"], 1e-9)  # training only
             say(f"step {step}/{t.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                f"samples/s {row['samples_per_s']:.1f}")
+                f"samples/s {row['samples_per_s']:.1f} eta " +
+                (f"{left_s / 3600:.1f} h" if left_s >= 3600 else f"{left_s / 60:.1f} min"))
             window, tic = [], time.time()
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
             summary, _ = evaluate(engine, cfg, val, critic, device, with_ground_truth=False)

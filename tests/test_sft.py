@@ -3,6 +3,7 @@ with gloo, configs/sft_ci.yaml. Runs the driver as a subprocess, exactly as a us
 (~30 s on 2 CPU cores, plus ~25 s for the resume test; the first DeepSpeed init on a fresh
 machine JIT-compiles an op, ~40 s more, cached afterwards)."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,9 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft") / "run"
     proc = sft(f"run.output_dir={out}")
     assert "done in" in proc.stdout
+    log = proc.stdout + proc.stderr  # progress: loss, lr, throughput and the training time left
+    assert re.search(r"step 5/30 loss \d\.\d{4} lr \S+ samples/s [\d.]+ eta [\d.]+ min", log), log[-3000:]
+    assert re.search(r"step 30/30 loss .* eta 0\.0 min", log), log[-3000:]
     return out
 
 
