@@ -17,6 +17,12 @@ a recipe found here carries over to launch/sft.py; only the step count depends o
 
 Prints one JSON line at half time and one at the end (step, mean loss of the last 100 steps,
 the critic's mean scores), and writes runs/recipe/NAME/world_model.pt.
+
+`--pause-after=SECONDS` (anywhere after BUDGET) stops a long run after that much wall clock and
+writes runs/recipe/NAME/state.pt (weights, AdamW, step, noise generator, loss history); the same
+command again resumes from it (a different command under the same NAME is refused), so a run
+longer than one job's time limit gives the same steps, data order and learning rates as one
+uninterrupted run. The state file is removed when the run finishes.
 """
 import json
 import math
@@ -35,7 +41,8 @@ from spiral_rl.world_model import WorldModel
 
 
 def main(argv: list[str]) -> int:
-    usage = "usage: python benchmarks/sft_recipe_search.py NAME BUDGET [config overrides]  (BUDGET: seconds or <N>steps)"
+    usage = ("usage: python benchmarks/sft_recipe_search.py NAME BUDGET [--pause-after=SECONDS] [config overrides]"
+             "  (BUDGET: seconds or <N>steps)")
     if len(argv) < 2 or "=" in argv[0]:
         sys.exit(usage)
     by_steps = argv[1].endswith("steps")
@@ -45,7 +52,16 @@ def main(argv: list[str]) -> int:
         budget = 0.0
     if budget <= 0 or (by_steps and budget != int(budget)):
         sys.exit(f"BUDGET must be a positive number of seconds or <N>steps, got {argv[1]!r}; {usage}")
-    name, cfg = argv[0], load_config_or_exit(argv[2:])
+    pause_after = [a for a in argv[2:] if a.startswith("--pause-after=")]
+    overrides = [a for a in argv[2:] if a not in pause_after]
+    try:
+        pause_s = float(pause_after[-1].split("=", 1)[1]) if pause_after else math.inf
+    except ValueError:
+        pause_s = 0.0
+    if pause_s <= 0:
+        sys.exit(f"--pause-after must be a positive number of seconds, got {pause_after[-1]!r}")
+    name, cfg = argv[0], load_config_or_exit(overrides)
+    run_dir, command = Path("runs/recipe") / name, [argv[1], *overrides]
     t, seed = cfg.train, cfg.run.seed
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
@@ -59,6 +75,18 @@ def main(argv: list[str]) -> int:
           f"{len(val)} val segments, budget {argv[1]}", flush=True)
 
     losses, tic, paused, step, halfway = [], time.time(), 0.0, 0, False
+    wall0 = tic
+    state_path = run_dir / "state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        if state["command"] != command:
+            sys.exit(f"{state_path} was written by a different command ({' '.join(state['command'])}); "
+                     f"use another NAME or delete it")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"].to(gen.get_state().device))
+        losses, step, halfway, tic = state["losses"], state["step"], state["halfway"], tic - state["train_s"]
+        print(f"{name}: resumed from {state_path} at step {step}", flush=True)
 
     def report() -> None:
         model.eval()
@@ -90,8 +118,17 @@ def main(argv: list[str]) -> int:
             halfway, start = True, time.time()
             report()
             paused += time.time() - start  # evaluation time is not training budget
+        if time.time() - wall0 >= pause_s and progress() < 1:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"command": command, "model": model.state_dict(), "opt": opt.state_dict(),
+                        "gen": gen.get_state(), "losses": losses, "step": step, "halfway": halfway,
+                        "train_s": time.time() - tic - paused}, state_path.with_suffix(".tmp"))
+            state_path.with_suffix(".tmp").replace(state_path)  # a kill mid-save leaves the previous state
+            print(f"{name}: paused at step {step} after {pause_s:.0f} s; run the same command to resume", flush=True)
+            return 0
     report()
-    out = model.save(Path("runs/recipe") / name / "world_model.pt")
+    out = model.save(run_dir / "world_model.pt")
+    state_path.unlink(missing_ok=True)
     print(f"{name}: wrote {out} (val noise seed {VAL_SEED})", flush=True)
     return 0
 

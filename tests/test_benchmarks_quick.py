@@ -154,3 +154,34 @@ def test_sft_recipe_search_trains_scores_and_saves_a_loadable_model(tmp_path):
     assert 0 <= rows[-1]["scores"]["physical_fidelity"] <= 1 and rows[-1]["scores"]["segments"] >= 1
     model = WorldModel.load(tmp_path / "runs" / "recipe" / "smoke" / "world_model.pt")
     assert model.num_frames == 8
+
+
+def test_sft_recipe_search_pauses_and_resumes_to_the_same_weights(tmp_path):
+    """--pause-after stops the run and saves its state; the same command resumes it and ends with
+    the weights and loss of one uninterrupted run (same steps, data order, noise, lr schedule).
+    A different command under the same NAME is refused."""
+    import torch
+
+    script = str(BENCH / "sft_recipe_search.py")
+    common = [str(ROOT / "configs" / "sft_ci.yaml"), "train.num_val_tasks=1", "train.num_train_tasks=4"]
+
+    def run(name, *extra):
+        proc = subprocess.run([sys.executable, script, name, "4steps", *extra, *common], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    rc, out = run("whole")
+    assert rc == 0, out[-3000:]
+    rc, out = run("split", "--pause-after=1e-9")  # pauses after its first step
+    assert rc == 0 and "paused at step 1" in out, out[-3000:]
+    assert (tmp_path / "runs" / "recipe" / "split" / "state.pt").exists()
+    rc, out_other = run("split", "train.lr=0.5")
+    assert rc != 0 and "different command" in out_other, out_other[-3000:]
+    rc, out = run("split")
+    assert rc == 0 and "resumed" in out and "at step 1" in out, out[-3000:]
+    assert not (tmp_path / "runs" / "recipe" / "split" / "state.pt").exists()
+    whole, split = (torch.load(tmp_path / "runs" / "recipe" / n / "world_model.pt", weights_only=False)
+                    for n in ("whole", "split"))
+    assert whole["state_dict"].keys() == split["state_dict"].keys()
+    for key, value in whole["state_dict"].items():
+        assert torch.equal(value, split["state_dict"][key]), key
