@@ -19,7 +19,8 @@ Writes into run.output_dir (on a cluster it must be storage every node sees):
     ray/sft/        the Ray Train run: checkpoint_step<N>/ (DeepSpeed shards), run state
     world_model.pt  the trained weights in fp32 (WorldModel.load, or model.pretrained_path)
     eval.json       ODE samples of the val split scored by the CriticAgent (mean per dimension,
-                    ground-truth ceiling, per verb), validation loss before and after, loss curve
+                    ground-truth ceiling, per verb), validation loss before and after, loss curve,
+                    training minutes summed over every launch of the run, the devices it ran on
 Run with no Ray address it starts a local Ray on loopback (DESIGN.md section 7 sets the env);
 under `ray job submit` (RAY_ADDRESS set) it joins the cluster. train.resume=true continues from
 the run's latest checkpoint; without it, a run directory that already has checkpoints is refused.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -38,8 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-             "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+from actors.cluster import LOCAL_ENV  # imports no Ray
+
 if not os.environ.get("RAY_ADDRESS"):  # local run: stay on loopback; set before Ray is imported
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
@@ -148,6 +150,18 @@ def evaluate(engine, cfg, val, critic, device, with_ground_truth: bool) -> tuple
 # --------------------------------------------------------------------------- the worker
 
 
+def device_label(device: torch.device, world: int) -> str:
+    """Where a launch's steps ran, for the run's record: e.g. '1 x NVIDIA H100 80GB HBM3'."""
+    if device.type == "cuda":
+        return f"{world} x {torch.cuda.get_device_name(device)}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        name = None
+    return f"{world} x {name or platform.machine()} ({torch.get_num_threads()} threads/rank)"
+
+
 def _say(line: str) -> None:
     """Rank 0's progress line. Not print(): Ray Train patches print in workers and, with stdout
     wrapped, emits every line twice."""
@@ -189,6 +203,9 @@ def train_loop(loop_config: dict) -> None:
             _, client = engine.load_checkpoint(d)  # reads DeepSpeed's `latest` -> tag step<N>
         step, history = client["step"], client["history"]
         say(f"resumed from {checkpoint.path} at step {step}")
+    devices = history.setdefault("devices", [])  # a run resumed elsewhere lists every device it used
+    if not devices or devices[-1] != device_label(device, world):
+        devices.append(device_label(device, world))
     say(f"{world} rank(s) on {device}, ZeRO-{t.zero_stage}, bf16={bf16}, {torch.get_num_threads()} threads/rank; "
         f"{len(train)} train / {len(val)} val segments; {sum(p.numel() for p in model.parameters()):,} params")
 
@@ -220,7 +237,7 @@ def train_loop(loop_config: dict) -> None:
             dist.all_reduce(mean)
             elapsed = time.time() - tic
             row = {"step": step, "loss": round(mean.item() / world, 5), "lr": engine.get_lr()[0],
-                   "samples_per_s": round(len(window) * global_batch / elapsed, 2)}
+                   "samples_per_s": round(len(window) * global_batch / elapsed, 2), "seconds": round(elapsed, 3)}
             history["train"].append(row)
             left_s = (t.steps - step) * global_batch / max(row["samples_per_s"], 1e-9)  # training only
             say(f"step {step}/{t.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
@@ -256,6 +273,17 @@ def train_loop(loop_config: dict) -> None:
 # --------------------------------------------------------------------------- the driver
 
 
+def training_seconds(history: dict, global_batch: int) -> float:
+    """Time spent in training steps over every launch of a run (evaluations and checkpoints left
+    out). Each progress row carries its window's seconds; rows from before that field existed
+    give them back from their throughput and the steps since the previous row."""
+    total, prev = 0.0, 0
+    for row in history["train"]:
+        total += row["seconds"] if "seconds" in row else (row["step"] - prev) * global_batch / row["samples_per_s"]
+        prev = row["step"]
+    return total
+
+
 def eval_record(cfg, history: dict) -> dict:
     first, last = history["val"][0], history["val"][-1]
     train = history["train"]
@@ -266,6 +294,8 @@ def eval_record(cfg, history: dict) -> dict:
         "val_loss": {"start": first["val_loss"], "end": last["val_loss"]},
         "train_loss": {"first": train[0]["loss"] if train else None, "last": train[-1]["loss"] if train else None},
         "samples_per_s": round(float(np.median([r["samples_per_s"] for r in train])), 2) if train else None,
+        "train_minutes": round(training_seconds(history, cfg.train.batch_size * cfg.train.num_workers) / 60, 2),
+        "devices": history.get("devices", []),
         "history": history,
     }
 
@@ -283,7 +313,7 @@ def main(argv: list[str]) -> int:
 
     local = not os.environ.get("RAY_ADDRESS")
     if local:  # no dashboard: on a 2-core box its agents take a core from training
-        ray.init(runtime_env={"env_vars": LOCAL_ENV})
+        ray.init(include_dashboard=False, runtime_env={"env_vars": LOCAL_ENV})
     else:
         ray.init()
     cpus = int(ray.cluster_resources().get("CPU", 1))

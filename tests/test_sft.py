@@ -54,6 +54,9 @@ def test_sft_trains_checkpoints_exports_and_evaluates(run_dir):
         assert all(0.0 <= scores[d] <= 1.0 for d in ("action_completeness", "physical_fidelity",
                                                        "temporal_consistency", "visual_quality"))
     assert record["ground_truth"]["action_completeness"] == 1.0  # the critic's ceiling on real frames
+    rows = record["history"]["train"]
+    assert record["train_minutes"] == round(sum(r["seconds"] for r in rows) / 60, 2) > 0
+    assert len(record["devices"]) == 1 and record["devices"][0].startswith("1 x ")
 
     model = WorldModel.load(run_dir)  # the exported fp32 weights load and generate
     example = SegmentDataset(cfg.world, "val", 1)[0]
@@ -71,3 +74,33 @@ def test_sft_refuses_to_overwrite_and_resumes(run_dir):
     record = json.loads((run_dir / "eval.json").read_text())
     assert record["steps"] == 35 and record["history"]["train"][-1]["step"] == 35
     assert (run_dir / "ray" / "sft" / "checkpoint_step0000035").is_dir()
+    assert len(record["devices"]) == 1  # resumed on the same device: listed once
+    assert record["train_minutes"] == round(sum(r["seconds"] for r in record["history"]["train"]) / 60, 2)
+
+
+def test_training_seconds_sums_every_launch_and_reads_old_rows():
+    """Rows with their own seconds are summed as they are; rows written before that field existed
+    give theirs back from throughput x steps since the previous row (a resumed run mixes both)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sft_driver", ROOT / "launch" / "sft.py")
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    history = {"train": [{"step": 50, "samples_per_s": 20.0}, {"step": 100, "samples_per_s": 16.0},
+                         {"step": 150, "samples_per_s": 99.0, "seconds": 7.5}]}
+    assert driver.training_seconds(history, 16) == 50 * 16 / 20 + 50 * 16 / 16 + 7.5
+
+
+def test_sft_quality_scores_a_run_and_reports_its_training(run_dir, tmp_path):
+    """benchmarks/sft_quality.py on a launch/sft.py output: the critic's scores, the issue's bar,
+    and the run's training minutes and devices from its eval.json, written where --out says."""
+    out = tmp_path / "quality.json"
+    proc = subprocess.run([sys.executable, "benchmarks/sft_quality.py", str(run_dir / "world_model.pt"),
+                           f"--out={out}", "train.num_val_tasks=1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record, run = json.loads(out.read_text()), json.loads((run_dir / "eval.json").read_text())
+    m = record["metrics"]
+    assert m["training"]["minutes"] == run["train_minutes"] > 0 and m["training"]["steps"] == run["steps"]
+    assert run["devices"][0] in record["device"]
+    assert m["bar_met"] == (m["scores"]["action_completeness"] >= 0.6 and m["scores"]["physical_fidelity"] >= 0.8)
+    assert m["scores"]["segments"] >= 1 and sum(v["segments"] for v in m["by_verb"].values()) == m["scores"]["segments"]
