@@ -312,8 +312,8 @@ def main(argv: list[str]) -> int:
     save_config(cfg, out / "config.yaml")
 
     local = not os.environ.get("RAY_ADDRESS")
-    if local:  # no dashboard: on a 2-core box its agents take a core from training
-        ray.init(include_dashboard=False, runtime_env={"env_vars": LOCAL_ENV})
+    if local:  # keeps the dashboard: Ray Train's PlacementGroupCleaner polls the state API it serves
+        ray.init(runtime_env={"env_vars": LOCAL_ENV})
     else:
         ray.init()
     cpus = int(ray.cluster_resources().get("CPU", 1))
