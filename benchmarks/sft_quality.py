@@ -48,9 +48,9 @@ def main(argv: list[str]) -> int:
         run = json.loads(run_eval.read_text())
         training = {"minutes": run.get("train_minutes"), "devices": run.get("devices"), "steps": run["steps"],
                     "eval_json": str(run_eval)}
-    trained_on = ("; trained on " + " then ".join(training["devices"])) if training and training["devices"] else \
-        "; where the checkpoint was trained: checkpoints/README.md or its run"
-    device = f"{cpu_name()} (sampling and scoring{trained_on})"
+    trained_on = (f"trained on {' then '.join(training['devices'])}" if training and training["devices"]
+                  else "where the checkpoint was trained: checkpoints/README.md or its run")
+    device = f"{cpu_name()} (sampling and scoring; {trained_on})"
     record = {"command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/sft_quality.py", *argv]),
               "device": device, "date": datetime.date.today().isoformat(),
               "config": checkpoint_id(ckpt_path),

@@ -203,9 +203,9 @@ def train_loop(loop_config: dict) -> None:
             _, client = engine.load_checkpoint(d)  # reads DeepSpeed's `latest` -> tag step<N>
         step, history = client["step"], client["history"]
         say(f"resumed from {checkpoint.path} at step {step}")
-    devices = history.setdefault("devices", [])  # a run resumed elsewhere lists every device it used
-    if not devices or devices[-1] != device_label(device, world):
-        devices.append(device_label(device, world))
+    devices, here = history.setdefault("devices", []), device_label(device, world)
+    if devices[-1:] != [here]:  # a run resumed elsewhere lists every device it used
+        devices.append(here)
     say(f"{world} rank(s) on {device}, ZeRO-{t.zero_stage}, bf16={bf16}, {torch.get_num_threads()} threads/rank; "
         f"{len(train)} train / {len(val)} val segments; {sum(p.numel() for p in model.parameters()):,} params")
 
