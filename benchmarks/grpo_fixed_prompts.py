@@ -61,7 +61,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 move prompt, G=2, 3 steps, 1 update; record to the temp dir")
     ap.add_argument("--out", default=None, help="results file (default benchmarks/results/grpo_fixed_prompts.json)")
     ap.add_argument("overrides", nargs="*", help="config key=value (on top of configs/grpo_tiny.yaml)")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # options may follow the key=value overrides
     quick = ["grpo.group_size=2", "grpo.sample_steps=3", "model.sample_steps=3"] if args.quick else []
     if args.quick:
         vars(args).update(verb="move", prompts=1, episodes=4, updates=1, eval_every=1, eval_samples=1, train_steps=1)
@@ -92,7 +92,8 @@ def main() -> int:
         samples = sample_sde(worker.model, trained, settings, rng)
         groups, stats = score_groups(samples, critic.score_batch(*samples.critic_inputs()), weights,
                                      cfg.reward.aggregation, u)
-        loss = learner.update(to_batch([r for g in groups for r in g], train_steps=args.train_steps, rng=rng))
+        loss = learner.update(to_batch([r for g in groups for r in g], worker.model.device,
+                                       train_steps=args.train_steps, rng=rng))
         sde.append(round(stats["reward_mean"], 4))
         print(f"[{u}/{args.updates}] SDE reward {stats['reward_mean']:.3f} grad norm {loss['grad_norm']:.4f} "
               f"({time.time() - tic:.0f} s)", flush=True)
@@ -105,7 +106,9 @@ def main() -> int:
                "reward_gain_trained": round(last["trained_ode"]["reward"] - first["trained_ode"]["reward"], 4),
                "reward_gain_held_out": round(last["held_out_ode"]["reward"] - first["held_out_ode"]["reward"], 4),
                "minutes": round((time.time() - tic) / 60, 2)}
-    write_record("grpo_fixed_prompts", f"{cpu_name()} (CPU, {torch.get_num_threads()} threads)",
+    device = (torch.cuda.get_device_name() if worker.model.device.type == "cuda"
+              else f"{cpu_name()} (CPU, {torch.get_num_threads()} threads)")
+    write_record("grpo_fixed_prompts", device,
                  {"overrides": args.overrides, **checkpoint_id(cfg.model.pretrained_path)}, metrics, args.quick, args.out)
     return 0
 
