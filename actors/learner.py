@@ -37,9 +37,9 @@ import torch.distributed as dist
 from torch import nn
 
 from actors.weight_sync import BroadcastGroup, manifest
-from spiral_rl.config import grpo_batch_plan, validate
+from spiral_rl.config import validate
 from spiral_rl.grpo import GRPOSettings, check_batch, check_first_ratio, make_reference, step_loss
-from spiral_rl.rollout import to_batch
+from spiral_rl.rollout import grpo_batch_plan, to_batch
 from spiral_rl.world_model import WorldModel
 
 # combined over ranks by max (the slowest rank, the worst deviation), the rest by mean

@@ -48,10 +48,10 @@ import numpy as np
 
 from actors.rollout import group_settings
 from actors.stages import LocalStages, RayStages
-from spiral_rl.config import config_to_dict, grpo_batch_plan, load_config_or_exit, save_config
+from spiral_rl.config import config_to_dict, load_config_or_exit, save_config
 from spiral_rl.evaluate import format_table
 from spiral_rl.records import SCORE_DIMS
-from spiral_rl.rollout import draw_window, score_groups
+from spiral_rl.rollout import draw_window, grpo_batch_plan, score_groups
 
 STAGES = ("rollout", "sample", "critic", "replay", "learner", "sync")
 KEEP_CHECKPOINTS = 2

@@ -1,4 +1,4 @@
-"""One structured config for the whole system, plus loading and validation.
+"""One structured config for the whole system, plus loading and validation (the rules: config_rules.py).
 
 Composition, e.g. `python -m spiral_rl.config configs/tiny.yaml world.frame_size=64`:
 dataclass defaults <- each *.yaml/*.yml file in order <- each dotted `key=value` override
@@ -10,16 +10,17 @@ load_config returns a plain validated `Config` dataclass (not an OmegaConf DictC
 attribute access in hot loops. Treat it as read-only; if you change it, call validate() again.
 """
 
-import math
 import re
 import sys
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from spiral_rl.config_rules import cross_field_errors, rule_errors
 
 VERBS = ("move", "move_to", "push", "jump", "swap")
 SHAPES = ("square", "circle", "triangle")
@@ -279,114 +280,6 @@ class Config:
 # --------------------------------------------------------------------------- validation
 
 
-def _in_range(x: Any, spec: str) -> bool:
-    """Is x inside an interval written like '(0, 0.5]' or '[1, inf)'? (NaN never is.)"""
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x):
-        return False
-    lo, hi = (float(s) for s in spec[1:-1].split(","))
-    return (lo < x if spec[0] == "(" else lo <= x) and (x < hi if spec[-1] == ")" else x <= hi)
-
-
-def _rule_errors(obj: Any, prefix: str = "") -> list[str]:
-    """Walk a dataclass tree generically and check every field's metadata rules."""
-    errors = []
-    for f in fields(obj):
-        key, value = prefix + f.name, getattr(obj, f.name)
-        if is_dataclass(value):  # rules on a container apply to each of its items
-            items = [(f"{key}.{g.name}", getattr(value, g.name)) for g in fields(value)]
-        elif isinstance(value, list):
-            items = [(f"{key}[{i}]", v) for i, v in enumerate(value)]
-        else:
-            items = [(key, value)]
-        rules = f.metadata
-        for k, v in items:
-            if "choices" in rules and v not in rules["choices"]:
-                errors.append(f"{k}={v!r} is not one of {list(rules['choices'])}")
-            if "range" in rules and not _in_range(v, rules["range"]):
-                errors.append(f"{k}={v!r} is out of range; allowed {rules['range']}")
-        if rules.get("any_positive") and not any(_in_range(v, "(0, inf]") for _, v in items):
-            got = {k.rsplit(".", 1)[-1]: v for k, v in items}
-            errors.append(f"{key}: at least one value must be > 0, got {got}")
-        # Recurse so nested dataclasses (also inside lists) get their own rules checked.
-        if is_dataclass(value):
-            errors += _rule_errors(value, key + ".")
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                if is_dataclass(v):
-                    errors += _rule_errors(v, f"{key}[{i}].")
-    return errors
-
-
-def _cross_field_errors(c: Config) -> list[str]:
-    """Rules that relate several fields; keep this list short and explicit."""
-    w, m, errors = c.world, c.model, []
-    if w.min_objects > w.max_objects:
-        errors.append(f"world.min_objects={w.min_objects} must be <= "
-                      f"world.max_objects={w.max_objects}")
-    if w.size_min > w.size_max:
-        errors.append(f"world.size_min={w.size_min} must be <= world.size_max={w.size_max}")
-    if w.frame_size % m.patch_size:
-        errors.append(f"world.frame_size={w.frame_size} must be divisible by "
-                      f"model.patch_size={m.patch_size}")
-    if not (c.train.bf16 == "auto" or isinstance(c.train.bf16, bool)):  # 1 == True, so check the type
-        errors.append(f"train.bf16={c.train.bf16!r} must be 'auto', true or false")
-    if c.planner.kind == "llm" and not c.planner.model_path:
-        errors.append("planner.model_path='' must name a local model dir when planner.kind='llm'")
-    if c.grpo.pipeline and c.cluster.mode != "ray":
-        errors.append("grpo.pipeline=true overlaps rollout workers with the learner group: it needs cluster.mode='ray' "
-                      "(cluster.mode='local' shares one model between them)")
-    if c.cluster.mode == "ray":
-        errors += _cluster_errors(c)
-    return errors
-
-
-def grpo_batch_plan(c: Config) -> dict[str, int]:
-    """What the grpo and cluster keys resolve to per iteration (launch/grpo.py prints it). In
-    cluster.mode=local one process takes the whole batch in one forward per trained step."""
-    import numpy as np
-
-    from spiral_rl.rollout import GroupSettings, draw_window  # the sampler's own window rule (imports torch)
-    g, k = c.grpo, c.cluster
-    start, end = draw_window(GroupSettings(g.group_size, g.sample_steps, g.noise_level, g.window),
-                             np.random.default_rng(0))
-    window = end - start  # where it starts is drawn; its size is not
-    trained = min(g.train_steps, window) if g.train_steps else window
-    segments = g.prompts_per_iter * g.group_size
-    ranks = max(1, k.learner_ranks) if k.mode == "ray" else 1
-    per_rank = segments // ranks
-    micro = (k.micro_batch or per_rank) if k.mode == "ray" else per_rank
-    micro_batches = max(1, per_rank // micro)
-    return {"prompts_per_iter": g.prompts_per_iter, "group_size": g.group_size,
-            "segments_per_learner_step": segments, "learner_ranks": ranks, "per_rank_batch": per_rank,
-            "micro_batch": micro, "micro_batches_per_rank": micro_batches, "sde_window_steps": window,
-            "trained_steps_per_update": trained,
-            "grad_accumulation": micro_batches * trained,  # backward passes per optimizer step
-            "updates_per_iter": g.updates_per_iter}
-
-
-def _cluster_errors(c: Config) -> list[str]:
-    """The distributed run's batch and placement rules (cluster.mode='ray')."""
-    g, k, errors = c.grpo, c.cluster, []
-    segments = g.prompts_per_iter * g.group_size
-    if k.learner_ranks < 1:
-        pass  # reported by its range rule
-    elif segments % k.learner_ranks:
-        errors.append(f"grpo.prompts_per_iter={g.prompts_per_iter} x grpo.group_size={g.group_size} = {segments} "
-                      f"segments per learner step do not split evenly over cluster.learner_ranks={k.learner_ranks}")
-    elif k.micro_batch and (segments // k.learner_ranks) % k.micro_batch:
-        errors.append(f"cluster.micro_batch={k.micro_batch} must divide the per-rank batch of "
-                      f"{segments // k.learner_ranks} segments (grpo.prompts_per_iter={g.prompts_per_iter} x "
-                      f"grpo.group_size={g.group_size} / cluster.learner_ranks={k.learner_ranks})")
-    if k.bf16 and not k.learner_gpus:
-        errors.append("cluster.bf16=true needs GPU learners (cluster.learner_gpus > 0)")
-    if k.offload_optimizer and k.zero_stage == 0:
-        errors.append("cluster.offload_optimizer=true needs cluster.zero_stage >= 1")
-    if k.weight_sync == "broadcast" and bool(k.learner_gpus) != bool(k.rollout_gpus):
-        errors.append(f"cluster.weight_sync='broadcast' needs cluster.learner_gpus={k.learner_gpus} and "
-                      f"cluster.rollout_gpus={k.rollout_gpus} both 0 (gloo) or both > 0 (NCCL)")
-    return errors
-
-
 @contextmanager
 def _wrap_omegaconf_errors(source: str):
     """Turn omegaconf's exceptions into a ConfigError that leads with the dotted key."""
@@ -426,7 +319,7 @@ def validate(cfg: "Config | DictConfig | dict") -> Config:
     node = _merge(OmegaConf.structured(Config), OmegaConf.create(plain), "config")
     with _wrap_omegaconf_errors("config"):
         obj = OmegaConf.to_object(node)  # also resolves ${...} interpolations
-    errors = _rule_errors(obj) + _cross_field_errors(obj)
+    errors = rule_errors(obj) + cross_field_errors(obj)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return obj

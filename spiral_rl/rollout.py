@@ -7,7 +7,7 @@ segment; grpo.group_advantages turns the scores into advantages; each sample bec
 replay.ScoredSegment (fp32 latents and log-probs, numpy only). `to_batch` stacks stored records
 back into the learner's GRPOBatch. The stages are separate functions (sample_sde -> critic ->
 score_groups) so that the distributed driver can run them on different actors; `sample_groups`
-chains them in one process.
+chains them in one process. `grpo_batch_plan` spells out what the grpo / cluster config keys resolve to.
 """
 from __future__ import annotations
 
@@ -66,6 +66,27 @@ def draw_window(settings: GroupSettings, rng: np.random.Generator) -> tuple[int,
         return 0, last
     start = int(rng.integers(0, last - settings.window + 1))
     return start, start + settings.window
+
+
+def grpo_batch_plan(cfg) -> dict[str, int]:
+    """What the grpo and cluster keys resolve to per iteration (launch/grpo.py prints it). In
+    cluster.mode=local one process takes the whole batch in one forward per trained step."""
+    g, k = cfg.grpo, cfg.cluster
+    start, end = draw_window(GroupSettings(g.group_size, g.sample_steps, g.noise_level, g.window),
+                             np.random.default_rng(0))
+    window = end - start  # where it starts is drawn; its size is not
+    trained = min(g.train_steps, window) if g.train_steps else window
+    segments = g.prompts_per_iter * g.group_size
+    ranks = max(1, k.learner_ranks) if k.mode == "ray" else 1
+    per_rank = segments // ranks
+    micro = (k.micro_batch or per_rank) if k.mode == "ray" else per_rank
+    micro_batches = max(1, per_rank // micro)
+    return {"prompts_per_iter": g.prompts_per_iter, "group_size": g.group_size,
+            "segments_per_learner_step": segments, "learner_ranks": ranks, "per_rank_batch": per_rank,
+            "micro_batch": micro, "micro_batches_per_rank": micro_batches, "sde_window_steps": window,
+            "trained_steps_per_update": trained,
+            "grad_accumulation": micro_batches * trained,  # backward passes per optimizer step
+            "updates_per_iter": g.updates_per_iter}
 
 
 @dataclass

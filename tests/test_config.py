@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from spiral_rl.config import (ConfigError, Config, ScoreDims, config_to_dict, grpo_batch_plan, load_config,
-                              save_config, validate)
+from spiral_rl.config import ConfigError, Config, ScoreDims, config_to_dict, load_config, save_config, validate
+from spiral_rl.rollout import grpo_batch_plan
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
