@@ -36,6 +36,17 @@ def group_settings(cfg) -> GroupSettings:
     return GroupSettings(g.group_size, g.sample_steps, g.noise_level, g.window, g.train_steps, cfg.model.guidance)
 
 
+def model_device(gpus: float, key: str) -> str:
+    """Where a role's model lives: 'cuda' for a GPU share (gpus > 0), else 'cpu'. key: the config
+    key(s) that asked, for the error when torch sees no GPU (a CPU build, CUDA_VISIBLE_DEVICES)."""
+    if gpus <= 0:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{key}={gpus:g} asks for a GPU, but torch sees none (torch {torch.__version__}); "
+                           "set it to 0 to run on the CPU")
+    return "cuda"
+
+
 class RolloutWorker:
     def __init__(self, cfg, index: int = 0, model: WorldModel | None = None):
         """cfg: a Config or its dict; model: share an existing model (in-process use), else build
@@ -44,7 +55,7 @@ class RolloutWorker:
         self.index, self.version = index, 0
         if model is None:
             torch.set_num_threads(max(1, int(cfg.cluster.rollout_cpus)))
-            device = "cuda" if cfg.cluster.rollout_gpus > 0 else "cpu"
+            device = model_device(cfg.cluster.rollout_gpus, "cluster.rollout_gpus")
             torch.manual_seed(cfg.run.seed)
             model = WorldModel.from_config(cfg).to(device)
         self.model = model

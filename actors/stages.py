@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from actors.replay import ReplayStoreActor
-from actors.rollout import RolloutWorker, merge_evaluations
+from actors.rollout import RolloutWorker, merge_evaluations, model_device
 from spiral_rl.agents.critic import CriticAgent
 from spiral_rl.config import config_to_dict
 from spiral_rl.grpo import GRPOLearner, GRPOSettings
@@ -31,7 +31,10 @@ class LocalStages:
 
     def __init__(self, cfg, out: Path):
         torch.manual_seed(cfg.run.seed)
-        self.cfg, self.model = cfg, WorldModel.from_config(cfg)
+        # One model serves rollout and learner, so either key asking for a GPU puts it there.
+        k = cfg.cluster
+        device = model_device(max(k.rollout_gpus, k.learner_gpus), "cluster.rollout_gpus / cluster.learner_gpus")
+        self.cfg, self.model = cfg, WorldModel.from_config(cfg).to(device)
         self.worker = RolloutWorker(cfg, model=self.model)
         self.critic = CriticAgent.from_config(cfg)
         self.replay = ReplayStoreActor(str(out / "replay"), cfg.grpo.replay_capacity)

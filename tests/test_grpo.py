@@ -177,3 +177,19 @@ def test_grpo_raises_the_critic_reward_on_fixed_prompts():
     after = np.mean([mean_reward(100 + k) for k in range(2)])
     print(f"critic reward (visual quality) before {before:.4f} after {after:.4f}")
     assert after > before + 0.05, (before, after)
+
+
+def test_local_mode_puts_its_one_model_where_the_cluster_keys_ask(monkeypatch, tmp_path):
+    """cluster.mode=local shares one model between rollout and learner: a GPU share on either key
+    puts it on the GPU (it was silently left on the CPU once), and without a visible GPU the error
+    names the keys instead of failing inside torch."""
+    from actors.rollout import model_device
+    from actors.stages import LocalStages
+    small = ["cluster.mode=local", "world.frame_size=16", "world.segment_frames=4"]
+    stages = LocalStages(load_config(small), tmp_path / "cpu")
+    assert stages.model.device.type == "cpu" and stages.worker.model is stages.model
+    stages.shutdown()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert model_device(0.0, "cluster.rollout_gpus") == "cpu"
+    with pytest.raises(RuntimeError, match=r"cluster.rollout_gpus / cluster.learner_gpus=0.5 asks for a GPU"):
+        LocalStages(load_config(small + ["cluster.learner_gpus=0.5"]), tmp_path / "gpu")
