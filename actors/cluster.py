@@ -14,9 +14,20 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 
 LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
              "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the machine type: for run and benchmark records."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.machine())
+    except OSError:
+        return platform.machine()
 
 
 def cluster_address(cfg) -> str:

@@ -9,7 +9,6 @@ import datetime
 import hashlib
 import json
 import math
-import platform
 import shlex
 import statistics
 import sys
@@ -20,19 +19,11 @@ from typing import Callable
 
 import torch
 
+from actors.cluster import cpu_name  # imports no Ray; the scripts also take it from here
+
 RESULTS = Path(__file__).resolve().parent / "results"
 # NVIDIA's H100 SXM datasheet rate for dense bf16 matmul (no sparsity): the MFU denominator.
 H100_BF16_DENSE_FLOPS = 989e12
-
-
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), else the machine type."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                        platform.machine())
-    except OSError:
-        return platform.machine()
 
 
 def device_name(device: torch.device) -> str:

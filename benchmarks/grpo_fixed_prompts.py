@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from _common import checkpoint_id, cpu_name, write_record  # noqa: E402  (benchmarks/ is first on sys.path)
+from _common import checkpoint_id, device_name, write_record  # noqa: E402  (benchmarks/ is first on sys.path)
 from actors.rollout import RolloutWorker, group_settings  # noqa: E402
 from spiral_rl.agents.critic import CriticAgent  # noqa: E402
 from spiral_rl.config import load_config_or_exit  # noqa: E402
@@ -106,9 +106,7 @@ def main() -> int:
                "reward_gain_trained": round(last["trained_ode"]["reward"] - first["trained_ode"]["reward"], 4),
                "reward_gain_held_out": round(last["held_out_ode"]["reward"] - first["held_out_ode"]["reward"], 4),
                "minutes": round((time.time() - tic) / 60, 2)}
-    device = (torch.cuda.get_device_name() if worker.model.device.type == "cuda"
-              else f"{cpu_name()} (CPU, {torch.get_num_threads()} threads)")
-    write_record("grpo_fixed_prompts", device,
+    write_record("grpo_fixed_prompts", device_name(worker.model.device),
                  {"overrides": args.overrides, **checkpoint_id(cfg.model.pretrained_path)}, metrics, args.quick, args.out)
     return 0
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.cluster import LOCAL_ENV  # imports no Ray
+from actors.cluster import LOCAL_ENV, cpu_name  # imports no Ray
 
 if not os.environ.get("RAY_ADDRESS"):  # local run: stay on loopback; set before Ray is imported
     for key, value in LOCAL_ENV.items():
@@ -154,12 +153,7 @@ def device_label(device: torch.device, world: int) -> str:
     """Where a launch's steps ran, for the run's record: e.g. '1 x NVIDIA H100 80GB HBM3'."""
     if device.type == "cuda":
         return f"{world} x {torch.cuda.get_device_name(device)}"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        name = None
-    return f"{world} x {name or platform.machine()} ({torch.get_num_threads()} threads/rank)"
+    return f"{world} x {cpu_name()} ({torch.get_num_threads()} threads/rank)"
 
 
 def _say(line: str) -> None:
