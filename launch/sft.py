@@ -3,6 +3,8 @@
     python launch/sft.py configs/sft_ci.yaml run.output_dir=runs/sft_ci      # smoke run, < 1 min on 2 CPU cores
     python launch/sft.py run.output_dir=runs/sft                             # the default run (CPU, 1 worker)
     python launch/sft.py run.output_dir=runs/sft train.resume=true train.steps=4000   # continue it
+    python launch/sft.py run.output_dir=runs/sft_b \
+        train.resume_from=runs/sft/ray/sft/checkpoint_step0002000       # a new run from a copied checkpoint
     python launch/sft.py run.output_dir=runs/sft_2w train.num_workers=2 train.zero_stage=3  # 2 ranks, ZeRO-3, gloo
     ray job submit --working-dir . -- python3 launch/sft.py model.preset=small train.use_gpu=true \
         train.num_workers=8 run.output_dir=/shared/runs/sft_small               # a cluster (shared storage)
@@ -24,6 +26,9 @@ Writes into run.output_dir (on a cluster it must be storage every node sees):
 Run with no Ray address it starts a local Ray on loopback (DESIGN.md section 7 sets the env);
 under `ray job submit` (RAY_ADDRESS set) it joins the cluster. train.resume=true continues from
 the run's latest checkpoint; without it, a run directory that already has checkpoints is refused.
+train.resume_from=DIR starts a new run directory from any run's checkpoint_step<N>/ (the same
+steps, data order and learning rates as going on in the old one); once the new run has a checkpoint
+of its own, train.resume=true continues from that.
 """
 from __future__ import annotations
 
@@ -191,7 +196,9 @@ def train_loop(loop_config: dict) -> None:
     val = SegmentDataset(cfg.world, "val", t.num_val_tasks).examples
     critic = CriticAgent.from_config(cfg)
     step, history = 0, {"train": [], "val": []}
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # the run's own latest, which wins over resume_from
+    if checkpoint is None and t.resume_from:  # (Ray Train v2 dropped the trainer's resume_from_checkpoint)
+        checkpoint = ray.train.Checkpoint.from_directory(t.resume_from)
     if checkpoint:
         with checkpoint.as_directory() as d:
             _, client = engine.load_checkpoint(d)  # reads DeepSpeed's `latest` -> tag step<N>
@@ -302,6 +309,11 @@ def main(argv: list[str]) -> int:
     if run_dir.exists() and not t.resume:
         sys.exit(f"{run_dir} holds an earlier run; pass train.resume=true to continue it, "
                  f"or pick another run.output_dir")
+    if t.resume_from:
+        if not (Path(t.resume_from) / "latest").is_file() and not list(run_dir.glob("checkpoint_step*")):
+            sys.exit(f"train.resume_from={t.resume_from}: not a launch/sft.py checkpoint directory "
+                     f"(no DeepSpeed 'latest' file); pass a run's ray/sft/checkpoint_step<N>/")
+        cfg.train.resume_from = str(Path(t.resume_from).resolve())  # the workers' cwd differs
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
 

@@ -188,6 +188,9 @@ class TrainConfig:
     use_gpu: bool = False
     # Continue from the latest checkpoint in run.output_dir (else that dir must hold none).
     resume: bool = False
+    # Start a new run.output_dir from this checkpoint_step<N>/ directory of an earlier run (one
+    # copied from another cluster, say): weights, AdamW, step, data order and history go on from it.
+    resume_from: str = ""
     # Noise-level sampling of the flow-matching loss (SD3's logit-normal favours mid noise).
     t_sampling: str = param("logit_normal", choices=("uniform", "logit_normal"))
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from spiral_rl.config import load_config
 from spiral_rl.world.dataset import SegmentDataset
@@ -63,6 +64,24 @@ def test_sft_trains_checkpoints_exports_and_evaluates(run_dir):
     frames = model.generate(example.context[None], [example.sub_action.text], seed=0)
     assert frames.shape == (1, cfg.world.segment_frames, cfg.world.frame_size, cfg.world.frame_size, 3)
     assert frames.dtype == np.uint8
+
+
+def test_sft_starts_a_new_run_from_a_copied_checkpoint(run_dir, tmp_path):
+    """train.resume_from: a new run directory from another run's checkpoint_step15/ (copied, as
+    from another machine) goes on to the same step-30 weights as the uninterrupted run."""
+    import shutil
+    copy = tmp_path / "copied_checkpoint"
+    shutil.copytree(run_dir / "ray" / "sft" / "checkpoint_step0000015", copy)
+    bad = subprocess.run([sys.executable, "launch/sft.py", "configs/sft_ci.yaml", f"run.output_dir={tmp_path / 'x'}",
+                          f"train.resume_from={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "train.resume_from" in bad.stderr and "latest" in bad.stderr, bad.stderr[-2000:]
+    proc = sft(f"run.output_dir={tmp_path / 'b'}", f"train.resume_from={copy}")
+    assert "at step 15" in proc.stdout + proc.stderr
+    record = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert [r["step"] for r in record["history"]["train"]] == list(range(5, 31, 5))  # the old rows kept
+    resumed, uninterrupted = WorldModel.load(tmp_path / "b"), WorldModel.load(run_dir)
+    for (name, a), (_, b) in zip(resumed.state_dict().items(), uninterrupted.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
 
 
 def test_sft_refuses_to_overwrite_and_resumes(run_dir):
