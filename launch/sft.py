@@ -3,6 +3,7 @@
     python launch/sft.py configs/sft_ci.yaml run.output_dir=runs/sft_ci      # smoke run, < 1 min on 2 CPU cores
     python launch/sft.py run.output_dir=runs/sft                             # the default run (CPU, 1 worker)
     python launch/sft.py run.output_dir=runs/sft train.resume=true train.steps=4000   # continue it
+    python launch/sft.py run.output_dir=runs/sft train.pause_after=1000     # stop at 1000 of 2000, resume later
     python launch/sft.py run.output_dir=runs/sft_b \
         train.resume_from=runs/sft/ray/sft/checkpoint_step0002000       # a new run from a copied checkpoint
     python launch/sft.py run.output_dir=runs/sft_2w train.num_workers=2 train.zero_stage=3  # 2 ranks, ZeRO-3, gloo
@@ -26,6 +27,9 @@ Writes into run.output_dir (on a cluster it must be storage every node sees):
 Run with no Ray address it starts a local Ray on loopback (DESIGN.md section 7 sets the env);
 under `ray job submit` (RAY_ADDRESS set) it joins the cluster. train.resume=true continues from
 the run's latest checkpoint; without it, a run directory that already has checkpoints is refused.
+train.pause_after=N ends a launch after step N as if it were the end (evaluation,
+world_model.pt, eval.json) while the learning rate follows the schedule of train.steps, so a run
+longer than a job's time limit is split into launches that give the weights of one.
 train.resume_from=DIR starts a new run directory from any run's checkpoint_step<N>/ (the same
 steps, data order and learning rates as going on in the old one); once the new run has a checkpoint
 of its own, train.resume=true continues from that.
@@ -224,8 +228,9 @@ def train_loop(loop_config: dict) -> None:
         say(f"step {step}: val loss {summary['val_loss']:.4f}, critic {summary['scores']}")
 
     global_batch = t.batch_size * world
+    end = t.pause_after or t.steps  # the lr schedule runs to t.steps either way
     window, tic = [], time.time()
-    while step < t.steps:
+    while step < end:
         idx = batch_indices(step, len(train), global_batch, cfg.run.seed)[rank * t.batch_size:(rank + 1) * t.batch_size]
         gen = torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + step * 1009 + rank)
         loss, _ = engine(*collate([train[int(i)] for i in idx]), generator=gen, t_sampling=t.t_sampling)
@@ -233,7 +238,7 @@ def train_loop(loop_config: dict) -> None:
         engine.step()
         step += 1
         window.append(loss.detach())
-        if step % t.log_every == 0 or step == t.steps:
+        if step % t.log_every == 0 or step == end:
             mean = torch.stack(window).mean().float().to(device)
             dist.all_reduce(mean)
             elapsed = time.time() - tic
@@ -245,12 +250,12 @@ def train_loop(loop_config: dict) -> None:
                 f"samples/s {row['samples_per_s']:.1f} eta " +
                 (f"{left_s / 3600:.1f} h" if left_s >= 3600 else f"{left_s / 60:.1f} min"))
             window, tic = [], time.time()
-        if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+        if t.eval_every and step % t.eval_every == 0 and step < end:
             summary, _ = evaluate(engine, cfg, val, critic, device, with_ground_truth=False)
             history["val"].append({"step": step, **summary})
             say(f"step {step}: val loss {summary['val_loss']:.4f}, critic {summary['scores']}")
             tic = time.time()  # samples/s counts training only
-        if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
+        if t.checkpoint_every and step % t.checkpoint_every == 0 and step < end:
             save_and_report({"step": step})
             say(f"step {step}: checkpoint saved")
             tic = time.time()
@@ -314,6 +319,13 @@ def main(argv: list[str]) -> int:
             sys.exit(f"train.resume_from={t.resume_from}: not a launch/sft.py checkpoint directory "
                      f"(no DeepSpeed 'latest' file); pass a run's ray/sft/checkpoint_step<N>/")
         cfg.train.resume_from = str(Path(t.resume_from).resolve())  # the workers' cwd differs
+    if t.pause_after:
+        at = [int(p.name.removeprefix("checkpoint_step")) for p in run_dir.glob("checkpoint_step*")] if t.resume else []
+        if t.resume_from and not at:
+            at = [int((Path(t.resume_from) / "latest").read_text().strip().removeprefix("step"))]
+        if at and max(at) >= t.pause_after:
+            sys.exit(f"train.pause_after={t.pause_after}: the run is already at step {max(at)}; "
+                     f"pass a later step, or 0 to run to train.steps={t.steps}")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
 
@@ -335,6 +347,9 @@ def main(argv: list[str]) -> int:
         run_config=ray.train.RunConfig(name=RUN_NAME, storage_path=str(out / "ray"),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
     result = trainer.fit()
+    if t.pause_after:
+        print(f"paused after step {t.pause_after} of {t.steps}: train.resume=true (without pause_after, "
+              f"or with a later one) goes on")
 
     with result.checkpoint.as_directory() as d:  # the final checkpoint carries the exports
         shutil.copy(Path(d) / CHECKPOINT_NAME, out / CHECKPOINT_NAME)

@@ -191,6 +191,9 @@ class TrainConfig:
     # Start a new run.output_dir from this checkpoint_step<N>/ directory of an earlier run (one
     # copied from another cluster, say): weights, AdamW, step, data order and history go on from it.
     resume_from: str = ""
+    # Stop after this step as if it were the end (evaluation, world_model.pt), keeping the lr
+    # schedule of train.steps; train.resume=true goes on. 0 = run to train.steps.
+    pause_after: int = param(0, range="[0, inf)")
     # Noise-level sampling of the flow-matching loss (SD3's logit-normal favours mid noise).
     t_sampling: str = param("logit_normal", choices=("uniform", "logit_normal"))
 

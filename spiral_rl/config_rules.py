@@ -62,6 +62,9 @@ def cross_field_errors(c: Config) -> list[str]:
                       f"model.patch_size={m.patch_size}")
     if not (c.train.bf16 == "auto" or isinstance(c.train.bf16, bool)):  # 1 == True, so check the type
         errors.append(f"train.bf16={c.train.bf16!r} must be 'auto', true or false")
+    if c.train.pause_after >= c.train.steps:
+        errors.append(f"train.pause_after={c.train.pause_after} must be < train.steps={c.train.steps} "
+                      "(0 runs to the end)")
     if c.planner.kind == "llm" and not c.planner.model_path:
         errors.append("planner.model_path='' must name a local model dir when planner.kind='llm'")
     if c.grpo.pipeline and c.cluster.mode != "ray":

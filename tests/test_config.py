@@ -140,6 +140,7 @@ BAD_OVERRIDES = [
     (["train.t_sampling=beta"], ["train.t_sampling='beta'", "logit_normal"]),
     (["train.batch_size=0"], ["train.batch_size=0", "[1, inf)"]),
     (["train.lr=0"], ["train.lr=0", "(0, inf)"]),
+    (["train.steps=30", "train.pause_after=30"], ["train.pause_after=30", "train.steps=30"]),
     (["world.min_objects=4", "world.max_objects=3"], ["world.min_objects=4", "world.max_objects=3"]),
     (["world.max_objects=5"], ["world.max_objects=5", "[2, 4]"]),
     (["world.size_min=0.15", "world.size_max=0.1"], ["world.size_min=0.15", "world.size_max=0.1"]),

@@ -68,15 +68,27 @@ def test_sft_trains_checkpoints_exports_and_evaluates(run_dir):
 
 def test_sft_starts_a_new_run_from_a_copied_checkpoint(run_dir, tmp_path):
     """train.resume_from: a new run directory from another run's checkpoint_step15/ (copied, as
-    from another machine) goes on to the same step-30 weights as the uninterrupted run."""
+    from another machine), paused at step 20 and resumed, reaches the same step-30 weights as the
+    uninterrupted run."""
     import shutil
     copy = tmp_path / "copied_checkpoint"
     shutil.copytree(run_dir / "ray" / "sft" / "checkpoint_step0000015", copy)
     bad = subprocess.run([sys.executable, "launch/sft.py", "configs/sft_ci.yaml", f"run.output_dir={tmp_path / 'x'}",
                           f"train.resume_from={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "train.resume_from" in bad.stderr and "latest" in bad.stderr, bad.stderr[-2000:]
-    proc = sft(f"run.output_dir={tmp_path / 'b'}", f"train.resume_from={copy}")
-    assert "at step 15" in proc.stdout + proc.stderr
+    # train.pause_after: stop at step 20 as if it were the end (its evaluation and world_model.pt),
+    # the lr schedule still that of 30 steps; then train.resume=true goes on to the end.
+    proc = sft(f"run.output_dir={tmp_path / 'b'}", f"train.resume_from={copy}", "train.pause_after=20")
+    assert "at step 15" in proc.stdout + proc.stderr and "paused after step 20 of 30" in proc.stdout
+    paused = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert paused["steps"] == 20 and paused["history"]["train"][-1]["step"] == 20
+    assert (tmp_path / "b" / "ray" / "sft" / "checkpoint_step0000020").is_dir()
+    again = subprocess.run([sys.executable, "launch/sft.py", "configs/sft_ci.yaml", f"run.output_dir={tmp_path / 'b'}",
+                            "train.resume=true", "train.pause_after=20"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode != 0 and "already at step 20" in again.stderr, again.stderr[-2000:]
+    proc = sft(f"run.output_dir={tmp_path / 'b'}", "train.resume=true")
+    assert "at step 20" in proc.stdout + proc.stderr
     record = json.loads((tmp_path / "b" / "eval.json").read_text())
     assert [r["step"] for r in record["history"]["train"]] == list(range(5, 31, 5))  # the old rows kept
     resumed, uninterrupted = WorldModel.load(tmp_path / "b"), WorldModel.load(run_dir)
