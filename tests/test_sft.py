@@ -138,36 +138,38 @@ def test_sft_quality_scores_a_run_and_reports_its_training(run_dir, tmp_path):
 
 
 def test_export_turns_any_checkpoint_into_the_run_s_weights(run_dir, tmp_path):
-    """launch/export.py on the CI run's ZeRO-2 checkpoints: the last one gives exactly the weights
-    launch/sft.py exported at the end (DeepSpeed's zero_to_fp32 assembles the fp32 masters); an
-    intermediate one gives its own step's record. (A ZeRO-0 checkpoint of the CPU pre-training run
-    exported at step 24000 scored exactly what that run's own evaluation did: RESULTS section 8.)"""
+    """launch/export.py on the CI run's ZeRO-2 checkpoints: the newest gives exactly the weights
+    launch/sft.py exported at the end (DeepSpeed's zero_to_fp32 assembles the fp32 masters); the
+    older one gives its own step's record. (A ZeRO-0 checkpoint of the CPU pre-training run
+    exported at steps 24000 and 30000 scored exactly what that run's own evaluations did: RESULTS
+    section 8.) Whichever tests ran before (one resumes the run to step 35), the run keeps two."""
     def export(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "launch/export.py", *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
-    ckpts = run_dir / "ray" / "sft"
-    proc = export(str(ckpts / "checkpoint_step0000030"), f"--out={tmp_path / 'last'}")
+    older, newest = sorted((run_dir / "ray" / "sft").glob("checkpoint_step*"))
+    step = int(older.name.removeprefix("checkpoint_step"))
+    run = json.loads((run_dir / "eval.json").read_text())
+    proc = export(str(newest), f"--out={tmp_path / 'last'}")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     exported, final = WorldModel.load(tmp_path / "last"), WorldModel.load(run_dir)
     for (name, a), (_, b) in zip(exported.state_dict().items(), final.state_dict().items()):
         assert torch.equal(a, b), name
-    run = json.loads((run_dir / "eval.json").read_text())
     record = json.loads((tmp_path / "last" / "eval.json").read_text())
-    assert record["steps"] == record["scores_step"] == 30 and record["scores"] == run["scores"]
+    assert record["steps"] == record["scores_step"] == run["steps"] and record["scores"] == run["scores"]
 
-    proc = export(str(ckpts / "checkpoint_step0000015"))  # default --out: beside the run's ray/
+    proc = export(str(older))  # default --out: beside the run's ray/
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    mid = run_dir / "export_step0000015"
+    mid = run_dir / f"export_step{step:07d}"
     record = json.loads((mid / "eval.json").read_text())
-    assert record["steps"] == 15 and record["scores_step"] == 0  # the run's evaluations: steps 0, 20, 30
-    assert [r["step"] for r in record["history"]["train"]] == [5, 10, 15]
+    assert record["steps"] == step and record["history"]["train"][-1]["step"] == step
+    assert record["scores_step"] == max(v["step"] for v in run["history"]["val"] if v["step"] <= step)
     assert any(not torch.equal(a, b) for a, b in zip(WorldModel.load(mid).state_dict().values(),
                                                       final.state_dict().values()))
 
     bad = export(str(tmp_path))
     assert bad.returncode != 0 and "latest" in bad.stderr
-    copied = tmp_path / "copied"
     import shutil
-    shutil.copytree(ckpts / "checkpoint_step0000015", copied / "a" / "b" / "c")
-    bad = export(str(copied / "a" / "b" / "c"))  # copied away from its run: no config.yaml above it
+    copied = tmp_path / "copied" / "a" / "b" / "c"
+    shutil.copytree(older, copied)
+    bad = export(str(copied))  # copied away from its run: no config.yaml above it
     assert bad.returncode != 0 and "--config=" in bad.stderr
