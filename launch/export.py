@@ -25,16 +25,16 @@ import torch
 from spiral_rl.config import load_config_or_exit
 from spiral_rl.world_model import CHECKPOINT_NAME, WorldModel
 
-from sft import eval_record  # launch/ is first on sys.path
+from sft import eval_record, saved_step  # launch/ is first on sys.path
 
 
 def read_checkpoint(ckpt_dir: Path) -> tuple[int, dict, dict[str, torch.Tensor]]:
     """(step, history, fp32 state dict) of one launch/sft.py checkpoint_step<N>/ directory."""
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
+    step = saved_step(ckpt_dir)
+    if step is None:
         sys.exit(f"{ckpt_dir}: not a launch/sft.py checkpoint (no DeepSpeed 'latest' file); "
                  f"pass a run's ray/sft/checkpoint_step<N>/")
-    tag_dir = ckpt_dir / latest.read_text().strip()
+    tag_dir = ckpt_dir / f"step{step}"
     states = tag_dir / "mp_rank_00_model_states.pt"
     if not states.is_file():  # ZeRO-3 names its rank-0 file differently
         states = tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
@@ -46,7 +46,7 @@ def read_checkpoint(ckpt_dir: Path) -> tuple[int, dict, dict[str, torch.Tensor]]
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir))
     else:
         state = client["module"]
-    return client["step"], client["history"], {k: v.float() for k, v in state.items()}
+    return step, client["history"], state  # WorldModel.save writes fp32 whatever the shards held
 
 
 def main(argv: list[str]) -> int:
@@ -56,11 +56,12 @@ def main(argv: list[str]) -> int:
         sys.exit("usage: python launch/export.py CHECKPOINT_DIR [--config=RUN_CONFIG.yaml] [--out=DIR]")
     ckpt_dir = Path(rest[0])
     step, history, state = read_checkpoint(ckpt_dir)
-    config = Path(opts.get("--config", ckpt_dir.resolve().parents[2] / "config.yaml"))
+    run_out = ckpt_dir.resolve().parent.parent.parent  # run.output_dir/ray/sft/checkpoint_step<N>
+    config = Path(opts.get("--config", run_out / "config.yaml"))
     if not config.is_file():
         sys.exit(f"{config}: no run config; pass --config= the config.yaml launch/sft.py wrote for this run")
     cfg = load_config_or_exit([str(config)])
-    out = Path(opts.get("--out", ckpt_dir.resolve().parents[2] / f"export_step{step:07d}"))
+    out = Path(opts.get("--out", run_out / f"export_step{step:07d}"))
 
     model = WorldModel(cfg.model, cfg.world.segment_frames, cfg.world.context_frames)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -279,6 +279,13 @@ def train_loop(loop_config: dict) -> None:
 # --------------------------------------------------------------------------- the driver
 
 
+def saved_step(ckpt_dir: Path) -> int | None:
+    """The step a checkpoint_step<N>/ directory holds, from DeepSpeed's `latest` (tag step<N>);
+    None where there is no such file (not a launch/sft.py checkpoint)."""
+    latest = Path(ckpt_dir) / "latest"
+    return int(latest.read_text().strip().removeprefix("step")) if latest.is_file() else None
+
+
 def training_seconds(history: dict, global_batch: int) -> float:
     """Time spent in training steps over every launch of a run (evaluations and checkpoints left
     out). Each progress row carries its window's seconds; rows from before that field existed
@@ -315,14 +322,14 @@ def main(argv: list[str]) -> int:
         sys.exit(f"{run_dir} holds an earlier run; pass train.resume=true to continue it, "
                  f"or pick another run.output_dir")
     if t.resume_from:
-        if not (Path(t.resume_from) / "latest").is_file() and not list(run_dir.glob("checkpoint_step*")):
+        if saved_step(t.resume_from) is None and not list(run_dir.glob("checkpoint_step*")):
             sys.exit(f"train.resume_from={t.resume_from}: not a launch/sft.py checkpoint directory "
                      f"(no DeepSpeed 'latest' file); pass a run's ray/sft/checkpoint_step<N>/")
         cfg.train.resume_from = str(Path(t.resume_from).resolve())  # the workers' cwd differs
     if t.pause_after:
         at = [int(p.name.removeprefix("checkpoint_step")) for p in run_dir.glob("checkpoint_step*")] if t.resume else []
         if t.resume_from and not at:
-            at = [int((Path(t.resume_from) / "latest").read_text().strip().removeprefix("step"))]
+            at = [saved_step(t.resume_from)]
         if at and max(at) >= t.pause_after:
             sys.exit(f"train.pause_after={t.pause_after}: the run is already at step {max(at)}; "
                      f"pass a later step, or 0 to run to train.steps={t.steps}")
