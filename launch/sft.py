@@ -321,13 +321,15 @@ def main(argv: list[str]) -> int:
     if run_dir.exists() and not t.resume:
         sys.exit(f"{run_dir} holds an earlier run; pass train.resume=true to continue it, "
                  f"or pick another run.output_dir")
+    # Steps this run directory already holds (a resumed run's own checkpoints).
+    held = [s for p in run_dir.glob("checkpoint_step*") if (s := saved_step(p)) is not None]
     if t.resume_from:
-        if saved_step(t.resume_from) is None and not list(run_dir.glob("checkpoint_step*")):
+        if saved_step(t.resume_from) is None and not held:
             sys.exit(f"train.resume_from={t.resume_from}: not a launch/sft.py checkpoint directory "
                      f"(no DeepSpeed 'latest' file); pass a run's ray/sft/checkpoint_step<N>/")
         cfg.train.resume_from = str(Path(t.resume_from).resolve())  # the workers' cwd differs
     if t.pause_after:
-        at = [int(p.name.removeprefix("checkpoint_step")) for p in run_dir.glob("checkpoint_step*")] if t.resume else []
+        at = held if t.resume else []
         if t.resume_from and not at:
             at = [saved_step(t.resume_from)]
         if at and max(at) >= t.pause_after:

@@ -4,6 +4,7 @@ with gloo, configs/sft_ci.yaml. Runs the driver as a subprocess, exactly as a us
 machine JIT-compiles an op, ~40 s more, cached afterwards)."""
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,6 @@ def test_sft_starts_a_new_run_from_a_copied_checkpoint(run_dir, tmp_path):
     """train.resume_from: a new run directory from another run's checkpoint_step15/ (copied, as
     from another machine), paused at step 20 and resumed, reaches the same step-30 weights as the
     uninterrupted run."""
-    import shutil
     copy = tmp_path / "copied_checkpoint"
     shutil.copytree(run_dir / "ray" / "sft" / "checkpoint_step0000015", copy)
     bad = subprocess.run([sys.executable, "launch/sft.py", "configs/sft_ci.yaml", f"run.output_dir={tmp_path / 'x'}",
@@ -168,7 +168,6 @@ def test_export_turns_any_checkpoint_into_the_run_s_weights(run_dir, tmp_path):
 
     bad = export(str(tmp_path))
     assert bad.returncode != 0 and "latest" in bad.stderr
-    import shutil
     copied = tmp_path / "copied" / "a" / "b" / "c"
     shutil.copytree(older, copied)
     bad = export(str(copied))  # copied away from its run: no config.yaml above it
