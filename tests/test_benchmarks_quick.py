@@ -158,8 +158,8 @@ def test_sft_recipe_search_trains_scores_and_saves_a_loadable_model(tmp_path):
 
 def test_sft_recipe_search_pauses_and_resumes_to_the_same_weights(tmp_path):
     """--pause-after stops the run and saves its state; the same command resumes it and ends with
-    the weights and loss of one uninterrupted run (same steps, data order, noise, lr schedule).
-    A different command under the same NAME is refused."""
+    the weights of one uninterrupted run, to float rounding (same steps, data order, noise, lr
+    schedule). A different command under the same NAME is refused."""
     import torch
 
     script = str(BENCH / "sft_recipe_search.py")
@@ -183,5 +183,10 @@ def test_sft_recipe_search_pauses_and_resumes_to_the_same_weights(tmp_path):
     whole, split = (torch.load(tmp_path / "runs" / "recipe" / n / "world_model.pt", weights_only=False)
                     for n in ("whole", "split"))
     assert whole["state_dict"].keys() == split["state_dict"].keys()
+    # Not bitwise: two processes may round differently (a CI machine once differed by an ulp, which
+    # Adam spreads). Measured on 2 Xeon cores: the same run with MKL_CBWR=AVX2 vs its default kernels
+    # ends 8e-7 apart at most; a resume that drops the noise generator's state ends 1.2e-3 apart, one
+    # that drops AdamW's moments 8e-4. 1e-5 sits between them.
     for key, value in whole["state_dict"].items():
-        assert torch.equal(value, split["state_dict"][key]), key
+        gap = (value - split["state_dict"][key]).abs().max().item()
+        assert gap <= 1e-5, (key, gap)
