@@ -204,8 +204,9 @@ class GRPOConfig:
     iterations: int = param(40, range="[1, inf)")
     episodes_per_iter: int = param(4, range="[1, inf)")  # closed-loop train episodes that supply prompts
     prompts_per_iter: int = param(8, range="[1, inf)")  # (context, sub-action) prompts sampled from them
-    # 'retried': steps whose first attempt the critic rejected come first, then the rest at random.
-    prompt_focus: str = param("all", choices=("all", "retried"))
+    # 'retried': steps whose first attempt the critic rejected come first, then the rest at random;
+    # 'incomplete': steps in order of their first attempt's action completeness, lowest first.
+    prompt_focus: str = param("all", choices=("all", "retried", "incomplete"))
     group_size: int = param(4, range="[2, inf)")  # SDE samples per prompt (G)
     sample_steps: int = param(10, range="[1, inf)")  # SDE denoising steps per sample
     noise_level: float = param(0.7, range="(0, inf)")  # Flow-GRPO's 'a' in sigma_t = a sqrt(t / (1 - t))

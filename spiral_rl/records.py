@@ -97,7 +97,8 @@ class Prompt:
 
     context: (K, H, W, 3) uint8 frames from memory; objects: memory's last known states (the
     critic's reference); next_action: the following step, whose pre-conditions the critic checks;
-    retried: the critic rejected the loop's first attempt at this step.
+    retried: the critic rejected the loop's first attempt at this step; first_completeness: that
+    attempt's action completeness.
     """
 
     context: np.ndarray
@@ -106,6 +107,7 @@ class Prompt:
     next_action: SubAction | None = None
     task_id: str = ""
     retried: bool = False
+    first_completeness: float = 1.0
 
 
 @dataclass

@@ -49,8 +49,10 @@ def prompts_from_episodes(episodes: Sequence[Episode]) -> list[Prompt]:
     for ep in episodes:
         for k, step in enumerate(ep.steps):
             nxt = ep.steps[k + 1].sub_action if k + 1 < len(ep.steps) else None
+            first = step.attempts[0].verdict
             prompts.append(Prompt(step.context, step.sub_action, tuple(step.objects), nxt, ep.task_id,
-                                  retried=not step.attempts[0].verdict.accepted))
+                                  retried=not first.accepted,
+                                  first_completeness=float(first.scores["action_completeness"])))
     return prompts
 
 

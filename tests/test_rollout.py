@@ -67,7 +67,8 @@ def test_model_generator_is_a_loop_generator(setup):
 
 def test_prompts_mark_retried_steps_and_focus_puts_them_first():
     """A step whose first attempt the critic rejected becomes a `retried` prompt; with
-    grpo.prompt_focus=retried launch/grpo.py's choose_prompts takes every such prompt before any other."""
+    grpo.prompt_focus=retried launch/grpo.py's choose_prompts takes every such prompt before any other,
+    with 'incomplete' the prompts of least first-try completeness."""
     import importlib.util
     from pathlib import Path
     cfg = load_config(["world.frame_size=32", "world.segment_frames=4"])  # at 16 px most first tries fail
@@ -89,3 +90,9 @@ def test_prompts_mark_retried_steps_and_focus_puts_them_first():
     assert repeats == 0 and len(chosen) == n and sum(p.retried for p in chosen) == n_retried
     plain = [driver.choose_prompts(prompts, n, np.random.default_rng(s))[0] for s in range(20)]
     assert min(sum(p.retried for p in c) for c in plain) < n_retried  # uniform draws leave some out
+
+    firsts = [p.first_completeness for p in prompts]
+    assert firsts == [s.attempts[0].verdict.scores["action_completeness"] for e in episodes for s in e.steps]
+    assert min(firsts) < 1.0
+    chosen, _ = driver.choose_prompts(prompts, 3, np.random.default_rng(0), "incomplete")
+    assert sorted(p.first_completeness for p in chosen) == sorted(firsts)[:3]
