@@ -79,16 +79,18 @@ def print_plan(cfg) -> None:
     print("derived quantities:\n" + "\n".join(f"  {name:<27}{value:>6}   {why}" for name, value, why in rows), flush=True)
 
 
+# grpo.prompt_focus -> sort key over prompts (smallest first); 'all' draws uniformly.
+FOCUS_ORDER = {"retried": lambda p: not p.retried, "incomplete": lambda p: p.first_completeness}
+
+
 def choose_prompts(prompts: list, n: int, rng: np.random.Generator, focus: str = "all") -> tuple[list, int]:
     """Exactly n prompts: a random subset, or all of them topped up by repeats (each repeat is a new
     group with new seeds). focus='retried' fills the subset with the steps the critic rejected at
     first try before any other; 'incomplete' with the steps whose first try was least complete.
     Returns (prompts, repeats)."""
     if len(prompts) >= n:
-        if focus == "retried":  # stable sort: random among the retried, then random among the rest
-            picked = sorted(rng.permutation(len(prompts)), key=lambda i: not prompts[i].retried)[:n]
-        elif focus == "incomplete":  # lowest first-try completeness first, ties at random
-            picked = sorted(rng.permutation(len(prompts)), key=lambda i: prompts[i].first_completeness)[:n]
+        if focus in FOCUS_ORDER:  # a stable sort of a random order: ties stay random
+            picked = sorted(rng.permutation(len(prompts)), key=lambda i: FOCUS_ORDER[focus](prompts[i]))[:n]
         else:
             picked = rng.choice(len(prompts), n, replace=False)
         return [prompts[i] for i in sorted(picked)], 0
