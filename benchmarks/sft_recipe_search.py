@@ -66,12 +66,13 @@ def main(argv: list[str]) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     model = WorldModel.from_config(cfg).to(device)
-    train = SegmentDataset(cfg.world, "train", t.num_train_tasks)
+    train = SegmentDataset(cfg.world, "train", t.num_train_tasks, t.stop_short_share, cfg.run.seed)
     val = SegmentDataset(cfg.world, "val", t.num_val_tasks).examples
     critic = CriticAgent.from_config(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.99), weight_decay=t.weight_decay)
     gen = torch.Generator(device).manual_seed(seed + 1)
-    print(f"{name}: {sum(p.numel() for p in model.parameters()):,} params on {device}, {len(train)} train / "
+    print(f"{name}: {sum(p.numel() for p in model.parameters()):,} params on {device}, {len(train)} train "
+          f"({train.stopped_short} stopped short) / "
           f"{len(val)} val segments, budget {argv[1]}", flush=True)
 
     losses, tic, paused, step, halfway = [], time.time(), 0.0, 0, False

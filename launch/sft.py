@@ -196,7 +196,7 @@ def train_loop(loop_config: dict) -> None:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps)),
         dist_init_required=False)  # Ray Train already set up torch.distributed
 
-    train = SegmentDataset(cfg.world, "train", t.num_train_tasks)
+    train = SegmentDataset(cfg.world, "train", t.num_train_tasks, t.stop_short_share, cfg.run.seed)
     val = SegmentDataset(cfg.world, "val", t.num_val_tasks).examples
     critic = CriticAgent.from_config(cfg)
     step, history = 0, {"train": [], "val": []}
@@ -212,7 +212,7 @@ def train_loop(loop_config: dict) -> None:
     if devices[-1:] != [here]:  # a run resumed elsewhere lists every device it used
         devices.append(here)
     say(f"{world} rank(s) on {device}, ZeRO-{t.zero_stage}, bf16={bf16}, {torch.get_num_threads()} threads/rank; "
-        f"{len(train)} train / {len(val)} val segments; {sum(p.numel() for p in model.parameters()):,} params")
+        f"{len(train)} train ({train.stopped_short} stopped short) / {len(val)} val segments; {sum(p.numel() for p in model.parameters()):,} params")
 
     def save_and_report(metrics: dict, extra_files: dict | None = None) -> None:
         with tempfile.TemporaryDirectory() as d:

@@ -177,6 +177,9 @@ class TrainConfig:
     grad_clip: float = param(1.0, range="[0, inf)")  # max global gradient norm; 0 = no clipping
     num_train_tasks: int = param(512, range="[1, inf)")  # tasks of the 'train' split (all their steps)
     num_val_tasks: int = param(16, range="[1, inf)")  # tasks of the 'val' split for evaluation
+    # Noisy demonstrations: this share of the train segments stops short of its caption
+    # (SegmentDataset); 0 = exact ones. Val segments are always exact.
+    stop_short_share: float = param(0.0, range="[0, 1]")
     # Every N steps: validation loss and critic scores of ODE samples; 0 = only at the end.
     eval_every: int = param(0, range="[0, inf)")
     checkpoint_every: int = param(500, range="[0, inf)")  # 0 = only at the end

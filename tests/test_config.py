@@ -32,6 +32,15 @@ def test_defaults_load():
     assert cfg.critic.thresholds is not Config().critic.thresholds  # no shared mutable default
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_loads_and_names_a_checkpoint_that_exists(name):
+    """A README command must not fail on its config: each loads, validates, and any checkpoint it
+    names is in the repository (configs/grpo_improve.yaml -> checkpoints/tiny_sft_noisy.pt)."""
+    cfg = load_config([str(CONFIGS / name)])
+    if cfg.model.pretrained_path:
+        assert (CONFIGS.parent / cfg.model.pretrained_path).is_file(), cfg.model.pretrained_path
+
+
 def test_default_yaml_equals_structured_defaults():
     assert load_config([str(CONFIGS / "default.yaml")]) == Config()
 

@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+from spiral_rl.agents.critic import CriticAgent
+from spiral_rl.evaluate import score_examples
 from spiral_rl.records import ObjectState
 from spiral_rl.world.actions import Step, make_sub_action
 from spiral_rl.world.dataset import SegmentDataset, ground_truth_segment
@@ -105,6 +107,28 @@ def test_objects_never_leave_the_canvas_or_overlap_in_any_reference_segment(worl
     # context frames chain: each example's last context frame is the previous segment's last frame
     same_task = [(a, b) for a, b in zip(ds.examples, ds.examples[1:]) if a.task_id == b.task_id]
     assert same_task and all(np.array_equal(b.context[-1], a.frames[-1]) for a, b in same_task)
+
+
+def test_noisy_demonstrations_stop_short_of_their_caption_and_keep_the_exact_context(cfg):
+    exact = SegmentDataset(cfg.world, "train", 40)
+    noisy = SegmentDataset(cfg.world, "train", 40, stop_short_share=0.5, seed=3)
+    assert exact.stopped_short == 0 and len(noisy) == len(exact)
+    short = [i for i, (a, b) in enumerate(zip(exact, noisy)) if not np.array_equal(a.frames, b.frames)]
+    assert len(short) == noisy.stopped_short and 0.3 * len(noisy) < len(short) < 0.6 * len(noisy)
+    # only the shown clip changes: the caption and the context (the exact history) do not
+    assert all(a.sub_action == b.sub_action and np.array_equal(a.context, b.context) for a, b in zip(exact, noisy))
+    again = SegmentDataset(cfg.world, "train", 40, stop_short_share=0.5, seed=3)
+    assert all(np.array_equal(a.frames, b.frames) for a, b in zip(noisy, again))
+    other = SegmentDataset(cfg.world, "train", 40, stop_short_share=0.5, seed=4)
+    assert any(not np.array_equal(a.frames, b.frames) for a, b in zip(noisy, other))
+    # the critic sees what the caption asked for was not done; the exact clips are complete
+    critic, k = CriticAgent.from_config(cfg), cfg.world.context_frames
+    stopped = score_examples(None, [noisy[i] for i in short], critic, 64, k)
+    kept = score_examples(None, [noisy[i] for i in range(len(noisy)) if i not in short], critic, 64, k)
+    assert np.mean([r["action_completeness"] for r in stopped]) < 0.6
+    assert np.mean([r["action_completeness"] for r in kept]) > 0.95
+    with pytest.raises(ValueError, match="stop_short_share must be in"):
+        SegmentDataset(cfg.world, "train", 1, stop_short_share=1.5)
 
 
 @pytest.mark.parametrize("size", [64, 128])

@@ -12,6 +12,7 @@ import numpy as np
 
 from spiral_rl.records import ObjectState, SubAction
 from spiral_rl.world.actions import Step, make_sub_action
+from spiral_rl.world.corruptions import stopped_short
 from spiral_rl.world.dynamics import Physics
 from spiral_rl.world.render import render_frames
 from spiral_rl.world.tasks import TaskSampler
@@ -41,18 +42,35 @@ class SegmentExample:
 
 
 class SegmentDataset:
-    """Every step of the reference plans of tasks [0, n_tasks) of a split, rendered exactly."""
+    """Every step of the reference plans of tasks [0, n_tasks) of a split, rendered exactly.
 
-    def __init__(self, world_cfg, split: str, n_tasks: int):
+    stop_short_share > 0 makes the demonstrations noisy the way captioned video is: that share of
+    the examples (drawn per example from `seed`) shows the step stopping short of its caption
+    (corruptions.stopped_short: frozen part of the way, smooth, every object intact). The next
+    step's context still comes from the exact history, as if each caption's clip had been cut from
+    a longer recording too early. A model pre-trained on it sometimes stops short, a failure only
+    a critic in the loop sees (README: the noisy-demonstration start of GRPO)."""
+
+    def __init__(self, world_cfg, split: str, n_tasks: int, stop_short_share: float = 0.0, seed: int = 0):
+        if not 0.0 <= stop_short_share <= 1.0:
+            raise ValueError(f"stop_short_share must be in [0, 1], got {stop_short_share}")
         self.sampler = TaskSampler(world_cfg)
         size, k = world_cfg.frame_size, world_cfg.context_frames
         self.examples: list[SegmentExample] = []
+        self.stopped_short = 0  # examples whose clip stops short of its caption
         for task in self.sampler.tasks(split, n_tasks):
             history = [task.first_frame] * k
             scene = task.scene
             for sub in task.reference_plan:
-                frames, _, end = ground_truth_segment(scene, sub, self.sampler.physics, size)
-                self.examples.append(SegmentExample(np.stack(history[-k:]), sub, frames, scene, task.task_id))
+                frames, track, end = ground_truth_segment(scene, sub, self.sampler.physics, size)
+                shown = frames
+                if stop_short_share > 0:
+                    rng = np.random.default_rng([seed, len(self.examples)])
+                    if rng.random() < stop_short_share:
+                        short = stopped_short(scene, sub, track, size, rng)  # None: cannot stop short
+                        if short is not None:
+                            shown, self.stopped_short = short, self.stopped_short + 1
+                self.examples.append(SegmentExample(np.stack(history[-k:]), sub, shown, scene, task.task_id))
                 history.extend(frames)
                 scene = end
 
