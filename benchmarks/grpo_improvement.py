@@ -9,6 +9,7 @@ one-shot (plan_only) action completeness, retries per sub-action, one-shot physi
 the wall time of the whole command, evaluations included. The bars: SPIRAL >= 1.5x open-loop
 success, one-shot completeness +0.10, retries fall, fidelity not lower. Temporal consistency and
 visual quality are reported beside them, since the reward trades them (README, Policy improvement).
+The record is written either way; the exit status is 1 when a bar is missed.
 """
 from __future__ import annotations
 
