@@ -72,8 +72,7 @@ def main(argv: list[str]) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.99), weight_decay=t.weight_decay)
     gen = torch.Generator(device).manual_seed(seed + 1)
     print(f"{name}: {sum(p.numel() for p in model.parameters()):,} params on {device}, {len(train)} train "
-          f"({train.stopped_short} stopped short) / "
-          f"{len(val)} val segments, budget {argv[1]}", flush=True)
+          f"({train.stopped_short} stopped short) / {len(val)} val segments, budget {argv[1]}", flush=True)
 
     losses, tic, paused, step, halfway = [], time.time(), 0.0, 0, False
     wall0 = tic

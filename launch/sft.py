@@ -212,7 +212,8 @@ def train_loop(loop_config: dict) -> None:
     if devices[-1:] != [here]:  # a run resumed elsewhere lists every device it used
         devices.append(here)
     say(f"{world} rank(s) on {device}, ZeRO-{t.zero_stage}, bf16={bf16}, {torch.get_num_threads()} threads/rank; "
-        f"{len(train)} train ({train.stopped_short} stopped short) / {len(val)} val segments; {sum(p.numel() for p in model.parameters()):,} params")
+        f"{len(train)} train ({train.stopped_short} stopped short) / {len(val)} val segments; "
+        f"{sum(p.numel() for p in model.parameters()):,} params")
 
     def save_and_report(metrics: dict, extra_files: dict | None = None) -> None:
         with tempfile.TemporaryDirectory() as d:

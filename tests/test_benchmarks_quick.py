@@ -116,8 +116,9 @@ def test_scaling_options_reach_the_driver_config():
 
 
 def test_policy_improvement_bars_follow_the_before_and_after_evaluations():
-    """benchmarks/distributed.py cpu and grpo_improvement.py turn a run's evaluations into the issue's figures; each bar
-    is decided by the numbers (a hand-made run that clears all four, then one that clears none)."""
+    """benchmarks/distributed.py cpu and grpo_improvement.py turn a run's evaluations into the issue's
+    figures; each bar is decided by the numbers (a hand-made run that clears all four, then one that
+    clears none)."""
     sys.path.insert(0, str(BENCH))
     from distributed import improvement
 

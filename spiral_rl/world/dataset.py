@@ -49,7 +49,7 @@ class SegmentDataset:
     (corruptions.stopped_short: frozen part of the way, smooth, every object intact). The next
     step's context still comes from the exact history, as if each caption's clip had been cut from
     a longer recording too early. A model pre-trained on it sometimes stops short, a failure only
-    a critic in the loop sees (README: the noisy-demonstration start of GRPO)."""
+    a critic in the loop sees (README, *Policy improvement*; checkpoints/tiny_sft_noisy.pt)."""
 
     def __init__(self, world_cfg, split: str, n_tasks: int, stop_short_share: float = 0.0, seed: int = 0):
         if not 0.0 <= stop_short_share <= 1.0:
