@@ -38,7 +38,7 @@ from torch import nn
 
 from actors.weight_sync import BroadcastGroup, manifest
 from spiral_rl.config import validate
-from spiral_rl.grpo import GRPOSettings, check_batch, check_first_ratio, make_reference, step_loss
+from spiral_rl.grpo import GRPOSettings, check_batch, check_first_ratio, freeze_except, make_reference, step_loss
 from spiral_rl.rollout import grpo_batch_plan, to_batch
 from spiral_rl.world_model import WorldModel
 
@@ -128,11 +128,13 @@ class LearnerRank:
         self.settings = GRPOSettings.from_config(cfg)
         self.reference = make_reference(model, self.settings)
         self.plan = grpo_batch_plan(cfg)
+        trainable = freeze_except(model, cfg.grpo.trainable)
         module = PolicyStep(model)
-        self.engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
+        trained = [p for p in module.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=trained,
                                                     config=deepspeed_config(cfg), dist_init_required=False)
         return {"rank": self.rank, "device": str(self.device),
-                "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+                "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()), "trainable": trainable,
                 "zero_stage": cfg.cluster.zero_stage, "threads": torch.get_num_threads()}
 
     # ------------------------------------------------------------------ the update

@@ -18,7 +18,7 @@ from actors.replay import ReplayStoreActor
 from actors.rollout import RolloutWorker, merge_evaluations, model_device
 from spiral_rl.agents.critic import CriticAgent
 from spiral_rl.config import config_to_dict
-from spiral_rl.grpo import GRPOLearner, GRPOSettings
+from spiral_rl.grpo import GRPOLearner, GRPOSettings, freeze_except
 from spiral_rl.rollout import Samples, to_batch
 from spiral_rl.world_model import WorldModel
 
@@ -38,10 +38,14 @@ class LocalStages:
         self.worker = RolloutWorker(cfg, model=self.model)
         self.critic = CriticAgent.from_config(cfg)
         self.replay = ReplayStoreActor(str(out / "replay"), cfg.grpo.replay_capacity)
+        self.trainable = freeze_except(self.model, cfg.grpo.trainable)
         self.learner = GRPOLearner(self.model, GRPOSettings.from_config(cfg), lr=cfg.grpo.lr)
 
     def describe(self) -> str:
-        return "in-process: rollout, critic, replay and GRPOLearner share this process and one model"
+        total = sum(p.numel() for p in self.model.parameters())
+        return ("in-process: rollout, critic, replay and GRPOLearner share this process and one model"
+                + (f"; trains {self.trainable:,} of {total:,} parameters (grpo.trainable={self.cfg.grpo.trainable})"
+                   if self.trainable < total else ""))
 
     def episodes(self, start: int, seeds: list[int]):
         return self.worker.episodes("train", start, seeds)
@@ -121,7 +125,8 @@ class RayStages:
         return (f"actors: {len(self.workers)} rollout worker(s), {len(self.critics)} critic server(s), 1 replay store, "
                 f"{k.learner_ranks} learner rank(s) on {info['device']} (ZeRO-{k.zero_stage}, "
                 f"{'NCCL' if k.learner_gpus else 'gloo'}, bf16={k.bf16}, offload={k.offload_optimizer}, "
-                f"{info['params']:,} params); placement {k.placement} over {self.nodes()} node(s); "
+                f"{info['params']:,} params, {info['trainable']:,} trained); "
+                f"placement {k.placement} over {self.nodes()} node(s); "
                 f"weight sync: {self.learners.sync_mode}")
 
     def nodes(self) -> int:

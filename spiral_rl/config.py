@@ -218,6 +218,10 @@ class GRPOConfig:
     train_steps: int = param(0, range="[0, inf)")  # steps of the window trained on per update (0 = all)
     updates_per_iter: int = param(1, range="[1, inf)")  # learner steps on each iteration's groups
     lr: float = param(1e-4, range="(0, inf)")
+    # Comma-separated parameter-name substrings the update trains (e.g. 'cross_attn'); the rest stay
+    # frozen. '' = every parameter. A small batch's gradient is mostly noise, and AdamW moves every
+    # trained parameter ~lr per step whatever its signal (benchmarks/grpo_gradient_noise.py).
+    trainable: str = ""
     clip_range: float = param(1e-3, range="(0, 1)")  # on per-element ratios when reduction='mean'
     kl_coef: float = param(0.004, range="[0, inf)")  # beta of the KL to the frozen reference
     # Log-prob reduction over latent elements; the clip range must match it (see grpo.py).

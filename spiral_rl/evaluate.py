@@ -14,6 +14,7 @@ attempts per sub-action is what it should lower.
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -73,17 +74,18 @@ def summarise(episodes: Sequence[Episode]) -> dict:
     return out
 
 
+def run_mode(planner, critic, generator, tasks: Sequence[Task], cfg, base: LoopSettings, mode: str,
+             seed: int = 0) -> list[Episode]:
+    """One episode per task in `mode` (base's budgets); task i gets seed + 10_000 i, so every mode
+    (and every caller: evaluate, benchmarks/loop_gain.py) sees the same noise on the same task."""
+    loop = ClosedLoop(planner, critic, generator, replace(base, mode=mode))
+    return [loop.run(t, WorldMemory.from_task(t, cfg), seed=seed + 10_000 * i) for i, t in enumerate(tasks)]
+
+
 def evaluate(planner, critic, generator, tasks: Sequence[Task], cfg, base: LoopSettings,
              modes: Sequence[str] = ("open_loop", "plan_only", "spiral"), seed: int = 0) -> dict[str, dict]:
     """{mode: summary} over `tasks`; the same seeds in every mode, so modes differ only by the loop."""
-    results = {}
-    for mode in modes:
-        settings = LoopSettings(mode, base.max_retries, base.max_replans, base.guidance,
-                                base.retry_guidance_step, base.feedback_in_prompt)
-        loop = ClosedLoop(planner, critic, generator, settings)
-        episodes = [loop.run(t, WorldMemory.from_task(t, cfg), seed=seed + 10_000 * i) for i, t in enumerate(tasks)]
-        results[mode] = summarise(episodes)
-    return results
+    return {mode: summarise(run_mode(planner, critic, generator, tasks, cfg, base, mode, seed)) for mode in modes}
 
 
 def format_table(results: dict[str, dict]) -> str:

@@ -206,6 +206,22 @@ def make_reference(model: nn.Module, settings: GRPOSettings) -> nn.Module | None
     return copy.deepcopy(model).requires_grad_(False).eval()
 
 
+def freeze_except(model: nn.Module, trainable: str) -> int:
+    """Train only the parameters whose name contains one of the comma-separated substrings in
+    `trainable` ('' = all); returns how many elements stay trainable. A substring that names no
+    parameter is an error (a typo would otherwise freeze the whole model silently)."""
+    patterns = [t.strip() for t in trainable.split(",") if t.strip()]
+    if not patterns:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    names = [n for n, _ in model.named_parameters()]
+    unknown = [t for t in patterns if not any(t in n for n in names)]
+    if unknown:
+        raise ValueError(f"grpo.trainable: {unknown} match no parameter name (e.g. {names[0]!r}, {names[-1]!r})")
+    for n, p in model.named_parameters():
+        p.requires_grad_(any(t in n for t in patterns))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 class GRPOLearner:
     """Owns the policy's optimiser and a frozen reference copy; `update` is one GRPO step."""
 

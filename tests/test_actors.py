@@ -29,7 +29,7 @@ from actors.weight_sync import WeightSyncError
 from spiral_rl.agents.critic import CriticAgent
 from spiral_rl.agents.planner import PlanAgent
 from spiral_rl.config import config_to_dict, load_config
-from spiral_rl.grpo import GRPOLearner, GRPOSettings
+from spiral_rl.grpo import GRPOLearner, GRPOSettings, freeze_except
 from spiral_rl.records import SCORE_DIMS, Prompt, Verdict
 from spiral_rl.rollout import sample_sde, score_groups, to_batch
 from spiral_rl.world.tasks import TaskSampler
@@ -73,6 +73,7 @@ def data(tmp_path_factory):
 
 def single_process_updates(cfg, records, steps, n: int):
     model = WorldModel.from_config(cfg)
+    freeze_except(model, cfg.grpo.trainable)
     learner = GRPOLearner(model, GRPOSettings.from_config(cfg), lr=cfg.grpo.lr)
     stats = []
     for u in range(n):
@@ -82,10 +83,12 @@ def single_process_updates(cfg, records, steps, n: int):
     return {k: v.detach().clone() for k, v in model.named_parameters()}, stats
 
 
-@pytest.mark.parametrize("stage,micro_batch", [(2, 1), (3, 0)])
-def test_zero_learner_group_of_two_ranks_matches_the_single_process_step(ray_session, data, stage, micro_batch):
+@pytest.mark.parametrize("stage,micro_batch,trainable", [(2, 1, ""), (3, 0, ""), (2, 0, "cross_attn,head")])
+def test_zero_learner_group_of_two_ranks_matches_the_single_process_step(ray_session, data, stage, micro_batch,
+                                                                          trainable):
     args, records, _ = data
-    cfg = load_config(args + [f"cluster.zero_stage={stage}", f"cluster.micro_batch={micro_batch}"])
+    cfg = load_config(args + [f"cluster.zero_stage={stage}", f"cluster.micro_batch={micro_batch}",
+                              f"grpo.trainable='{trainable}'"])
     steps = list(range(*records[0].sde_window))
     initial = {k: v.detach().clone() for k, v in WorldModel.from_config(cfg).named_parameters()}
     expected, expected_stats = single_process_updates(cfg, records, steps, 2)
@@ -103,6 +106,9 @@ def test_zero_learner_group_of_two_ranks_matches_the_single_process_step(ray_ses
     print(f"ZeRO-{stage}, micro_batch {micro_batch}: max |2 ranks - 1 process| = {diff / lr:.1e} lr, "
           f"{off:.1e} of the elements beyond 1e-3 lr")
     assert moved > 0.5 * lr  # the updates did something
+    if trainable:  # frozen parameters stay exactly where they were, on the ranks as in one process
+        frozen = [k for k in expected if not any(t in k for t in trainable.split(","))]
+        assert frozen and all(torch.equal(got[k], initial[k]) and torch.equal(expected[k], initial[k]) for k in frozen)
     assert diff <= 2e-2 * lr and off <= 1e-2, f"ZeRO-{stage} x 2 ranks differs from the single-process step"
     for want, have in zip(expected_stats, got_stats):
         for key in ("loss", "policy_loss", "kl", "ratio_mean", "clip_frac", "first_ratio_max_dev"):

@@ -7,7 +7,8 @@ import torch
 
 from spiral_rl.config import load_config
 from spiral_rl.flow import sde_sample
-from spiral_rl.grpo import GRPOBatch, GRPOLearner, GRPOSettings, RatioDriftError, clipped_surrogate, group_advantages
+from spiral_rl.grpo import (GRPOBatch, GRPOLearner, GRPOSettings, RatioDriftError, clipped_surrogate, freeze_except,
+                             group_advantages)
 from spiral_rl.world_model import WorldModel
 
 # The previously shipped tiny checkpoint: a GRPO start with room on visual quality (see its test).
@@ -115,6 +116,22 @@ def test_kl_to_reference_is_zero_before_and_positive_after_an_update(model):
     batch = GRPOBatch(inp.context, texts, traj, torch.tensor([1.0, -1.0, 1.0, -1.0]), steps=[1])
     assert learner.update(batch)["kl"] == pytest.approx(0.0, abs=1e-10)
     assert learner.update(batch, check_ratio=False)["kl"] > 0
+
+
+def test_trainable_subset_moves_only_its_parameters(model):
+    total = sum(p.numel() for p in model.parameters())
+    n = freeze_except(model, "cross_attn, head")
+    assert 0 < n < total
+    assert n == sum(p.numel() for name, p in model.named_parameters() if "cross_attn" in name or "head" in name)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    inp, texts, traj = _rollout(model)
+    learner = GRPOLearner(model, GRPOSettings(clip_range=0.2, kl_coef=0.1), lr=1e-3)
+    learner.update(GRPOBatch(inp.context, texts, traj, torch.tensor([1.0, -1.0, 1.0, -1.0]), steps=[1, 2]))
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert moved and all("cross_attn" in name or "head" in name for name in moved), moved
+    assert freeze_except(model, "") == n  # '' leaves the current choice alone
+    with pytest.raises(ValueError, match="grpo.trainable.*cros_attn"):
+        freeze_except(model, "cros_attn")
 
 
 def test_without_kl_no_reference_is_kept_and_the_update_is_the_same(model):
