@@ -148,6 +148,16 @@ def checkpoint_id(path: str | Path, root: str | Path = ".") -> dict:
     return {"checkpoint": str(path), "sha256": hashlib.sha256(file.read_bytes()).hexdigest()[:16]}
 
 
+def split_options(argv: list[str], allowed: set[str], usage: str) -> tuple[dict[str, str], list[str]]:
+    """argv -> ({'--key': value} for each --key=value, the other arguments); exits naming any
+    option outside `allowed` or given without '=value'."""
+    opts = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.startswith("--") and "=" in a}
+    bad = sorted(set(opts) - allowed) + [a for a in argv if a.startswith("--") and "=" not in a]
+    if bad:
+        sys.exit(f"unknown option(s) {bad}; {usage}")
+    return opts, [a for a in argv if not a.startswith("--")]
+
+
 def write_record(name: str, device: str, config: dict, metrics: dict, quick: bool, out: str | None) -> Path:
     """benchmarks/results/<name>.json as {"command", "device", "date", "config", "metrics"}; a
     --quick run writes to the temp dir instead, so it never replaces a GPU result."""

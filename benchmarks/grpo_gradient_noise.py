@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import checkpoint_id, cpu_name, write_record  # noqa: E402
+from _common import checkpoint_id, cpu_name, split_options, write_record  # noqa: E402
 
 CONFIG = ROOT / "configs" / "grpo_improve.yaml"
 # Parameter groups (by name) for the breakdown: where in the model the signal lies, against its noise.
@@ -69,10 +69,7 @@ def noise_scale(grads: list[torch.Tensor], batch: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    opts = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.startswith("--") and "=" in a}
-    if set(opts) - {"--batches", "--out"} or any(a.startswith("--") and "=" not in a for a in argv):
-        sys.exit(f"unknown option in {[a for a in argv if a.startswith('--')]}; {USAGE}")
-    overrides = [a for a in argv if not a.startswith("--")]
+    opts, overrides = split_options(argv, {"--batches", "--out"}, USAGE)
     try:
         k = int(opts.get("--batches", 6))
     except ValueError:

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import checkpoint_id, cpu_name, write_record  # noqa: E402
+from _common import checkpoint_id, cpu_name, split_options, write_record  # noqa: E402
 
 CONFIG = ROOT / "configs" / "grpo_improve.yaml"
 DEFAULT_CHECKPOINTS = ("checkpoints/tiny_sft_noisy.pt", "checkpoints/tiny_sft.pt")
@@ -85,11 +85,7 @@ def summary(res: dict[str, np.ndarray], seeds: list[int]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    opts = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.startswith("--") and "=" in a}
-    unknown = set(opts) - {"--tasks", "--seeds", "--out"}
-    if unknown or any(a.startswith("--") and "=" not in a for a in argv):
-        sys.exit(f"unknown option(s) {sorted(unknown) or [a for a in argv if a.startswith('--')]}; {USAGE}")
-    rest = [a for a in argv if not a.startswith("--")]
+    opts, rest = split_options(argv, {"--tasks", "--seeds", "--out"}, USAGE)
     ckpts = [a for a in rest if "=" not in a] or list(DEFAULT_CHECKPOINTS)
     overrides = [a for a in rest if "=" in a]
     try:
