@@ -33,7 +33,8 @@ def loop_settings(cfg) -> LoopSettings:
 
 def group_settings(cfg) -> GroupSettings:
     g = cfg.grpo
-    return GroupSettings(g.group_size, g.sample_steps, g.noise_level, g.window, g.train_steps, cfg.model.guidance)
+    return GroupSettings(g.group_size, g.sample_steps, g.noise_level, g.window, g.train_steps, cfg.model.guidance,
+                         g.shared_noise)
 
 
 def model_device(gpus: float, key: str) -> str:

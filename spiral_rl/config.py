@@ -216,6 +216,9 @@ class GRPOConfig:
     # Noisy steps per rollout (0 = all): a shared window, as MixGRPO, so members stay comparable.
     window: int = param(0, range="[0, inf)")
     train_steps: int = param(0, range="[0, inf)")  # steps of the window trained on per update (0 = all)
+    # One initial noise per group (DanceGRPO's shared initialisation): members differ only by the
+    # window's SDE noise, so a reward difference within a group is caused by the steps trained on.
+    shared_noise: bool = False
     updates_per_iter: int = param(1, range="[1, inf)")  # learner steps on each iteration's groups
     lr: float = param(1e-4, range="(0, inf)")
     # Comma-separated parameter-name substrings the update trains (e.g. 'cross_attn'); the rest stay

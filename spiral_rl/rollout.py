@@ -34,6 +34,9 @@ class GroupSettings:
     window: int = 0  # noisy steps per rollout (0: all); its start is drawn per call
     train_steps: int = 0  # steps of the window the learner trains on (0: all of the window)
     guidance: float = 1.0
+    # One initial noise per group (DanceGRPO): members then differ only by the window's SDE noise,
+    # so the reward differences the advantages credit to those steps are caused by them.
+    shared_noise: bool = False
 
 
 class RecordedObjects:
@@ -141,6 +144,8 @@ def sample_sde(model, prompts: Sequence[Prompt], settings: GroupSettings, rng: n
     contexts = np.stack([p.context for p in prompts]).repeat(g, axis=0)  # (P * G, K, H, W, 3)
     texts = [p.sub_action.text for p in prompts for _ in range(g)]
     seeds = rng.integers(0, 2**31 - 1, size=len(texts)).tolist()
+    if settings.shared_noise:  # every member starts from its group's first member's noise
+        seeds = [seeds[i - i % g] for i in range(len(seeds))]
     window = tuple(window) if window is not None else draw_window(settings, rng)
     inp = model.prepare(contexts, texts, seed=seeds, guidance=settings.guidance)
     traj = sde_sample(model.velocity, inp.context, inp.cond, inp.noise, settings.sample_steps,

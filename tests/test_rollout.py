@@ -11,7 +11,7 @@ from spiral_rl.grpo import GRPOLearner, GRPOSettings
 from spiral_rl.loop import ClosedLoop, LoopSettings
 from spiral_rl.memory import WorldMemory
 from spiral_rl.replay import ReplayStore
-from spiral_rl.rollout import GroupSettings, ModelGenerator, prompts_from_episodes, sample_groups, to_batch
+from spiral_rl.rollout import GroupSettings, ModelGenerator, prompts_from_episodes, sample_groups, sample_sde, to_batch
 from spiral_rl.world.scripted import ScriptedGenerator
 from spiral_rl.world.tasks import TaskSampler
 from spiral_rl.world_model import WorldModel
@@ -96,3 +96,21 @@ def test_prompts_mark_retried_steps_and_focus_puts_them_first():
     assert min(firsts) < 1.0
     chosen, _ = driver.choose_prompts(prompts, 3, np.random.default_rng(0), "incomplete")
     assert sorted(p.first_completeness for p in chosen) == sorted(firsts)[:3]
+
+
+def test_shared_noise_gives_a_group_one_initial_noise(setup):
+    """grpo.shared_noise: the members of a group start from one noise, so with no noisy step they
+    are the same sample, and they differ only through the window's SDE noise; by default each
+    member draws its own initial noise."""
+    cfg, sampler, planner, critic, model = setup
+    loop = ClosedLoop(planner, critic, ScriptedGenerator(planner.physics, 16, 0.0), LoopSettings("spiral"))
+    tasks = sampler.tasks("train", 2)
+    prompts = prompts_from_episodes([loop.run(t, WorldMemory.from_task(t, cfg), seed=i) for i, t in enumerate(tasks)])[:2]
+    for shared in (True, False):
+        noisy, still = (sample_sde(model, prompts, GroupSettings(3, 4, level, shared_noise=shared),
+                                   np.random.default_rng(0), window=(0, 3)) for level in (0.7, 0.0))  # 0: ODE
+        same = [len(set(s.seeds[p * 3:(p + 1) * 3])) == 1 for s in (still, noisy) for p in range(2)]
+        assert all(same) == shared and any(same) == shared
+        assert np.array_equal(still.latents[-1, 0], still.latents[-1, 2]) == shared
+        assert not np.array_equal(noisy.latents[-1, 0], noisy.latents[-1, 2])  # the window's noise differs
+        assert not np.array_equal(still.latents[-1, 0], still.latents[-1, 3])  # another prompt, another noise
