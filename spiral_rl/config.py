@@ -217,7 +217,8 @@ class GRPOConfig:
     window: int = param(0, range="[0, inf)")
     train_steps: int = param(0, range="[0, inf)")  # steps of the window trained on per update (0 = all)
     # One initial noise per group (DanceGRPO's shared initialisation): members differ only by the
-    # window's SDE noise, so a reward difference within a group is caused by the steps trained on.
+    # window's SDE noise, so a reward difference within a group comes from the window's steps.
+    # Off: on the tiny model it lowered fidelity in every run tried (benchmarks/RESULTS.md section 8).
     shared_noise: bool = False
     updates_per_iter: int = param(1, range="[1, inf)")  # learner steps on each iteration's groups
     lr: float = param(1e-4, range="(0, inf)")
