@@ -34,9 +34,7 @@ class GroupSettings:
     window: int = 0  # noisy steps per rollout (0: all); its start is drawn per call
     train_steps: int = 0  # steps of the window the learner trains on (0: all of the window)
     guidance: float = 1.0
-    # One initial noise per group (DanceGRPO): members then differ only by the window's SDE noise,
-    # so the reward differences the advantages credit to those steps are caused by them.
-    shared_noise: bool = False
+    shared_noise: bool = False  # one initial noise per group (grpo.shared_noise; config.py says why)
 
 
 class RecordedObjects:
@@ -144,7 +142,8 @@ def sample_sde(model, prompts: Sequence[Prompt], settings: GroupSettings, rng: n
     contexts = np.stack([p.context for p in prompts]).repeat(g, axis=0)  # (P * G, K, H, W, 3)
     texts = [p.sub_action.text for p in prompts for _ in range(g)]
     seeds = rng.integers(0, 2**31 - 1, size=len(texts)).tolist()
-    if settings.shared_noise:  # every member starts from its group's first member's noise
+    if settings.shared_noise:  # every member takes its group's first seed; drawn as many either way,
+        # so the window drawn next from rng is the same with and without it
         seeds = [seeds[i - i % g] for i in range(len(seeds))]
     window = tuple(window) if window is not None else draw_window(settings, rng)
     inp = model.prepare(contexts, texts, seed=seeds, guidance=settings.guidance)
