@@ -1,6 +1,8 @@
 """spiral_rl.models: attention backends, the Wan-layout DiT (checked against diffusers), the
 built-in text encoder, presets and Wan checkpoint loading. CPU, fp32, a few seconds each."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -63,6 +65,19 @@ def test_attention_rejects_bad_backend_and_mask():
     assert not flash_attn_usable(q)  # CPU fp32: flash-attn never applies
     with pytest.raises(RuntimeError, match="flash-attn"):
         attention(q, q, q, backend="flash_attn")
+
+
+def test_importing_the_models_leaves_torch_dynamo_out_until_a_model_compiles():
+    """Every Ray actor imports the models: torch._dynamo costs ~2 s of its start. Only
+    DiT.compile_blocks marks the device check constant for torch.compile (importing dynamo then)."""
+    code = ("import sys, importlib; import spiral_rl.models, spiral_rl.world_model; "
+            "assert 'torch._dynamo' not in sys.modules, 'imported at import time'; "
+            "from spiral_rl.models import DiT; from spiral_rl.models.presets import preset_config; "
+            "DiT(preset_config('tiny')).compile_blocks(); "
+            "a = importlib.import_module('spiral_rl.models.attention'); "
+            "assert a._hopper_or_newer._dynamo_marked_constant")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- DiT

@@ -53,9 +53,16 @@ def flash_attn_usable(q: torch.Tensor, mask: torch.Tensor | None = None) -> bool
             and q.dtype in (torch.float16, torch.bfloat16))
 
 
-@torch.compiler.assume_constant_result  # a device's capability never changes: torch.compile folds it
 def _hopper_or_newer(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def fold_device_checks() -> None:
+    """Let torch.compile fold `_hopper_or_newer` (a device's capability never changes) instead of
+    tracing into torch.cuda. Called by DiT.compile_blocks rather than applied as a decorator:
+    torch.compiler.assume_constant_result imports torch._dynamo, ~2 s of CPU at the start of every
+    process that imports this module (each Ray actor and driver), and most never compile."""
+    torch.compiler.assume_constant_result(_hopper_or_newer)  # marks the function in place
 
 
 def cudnn_first(q: torch.Tensor) -> bool:

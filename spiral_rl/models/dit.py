@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from spiral_rl.models.attention import BACKENDS, attention
+from spiral_rl.models.attention import BACKENDS, attention, fold_device_checks
 
 
 @dataclass(frozen=True)
@@ -273,6 +273,7 @@ class DiT(nn.Module):
         inputs, one compiled graph: compile time does not grow with depth. Compilation is lazy (at
         the first call) and static in shape (dynamic=False): a new shape compiles again. The state
         dict keys do not change (Module.compile, not a wrapper module)."""
+        fold_device_checks()
         for block in self.blocks:
             block.compile(**({"dynamic": False} | options))
 
