@@ -212,7 +212,8 @@ class GRPOConfig:
     prompt_focus: str = param("all", choices=("all", "retried", "incomplete"))
     group_size: int = param(4, range="[2, inf)")  # SDE samples per prompt (G)
     # SDE denoising steps per GRPO sample. Fewer than model.sample_steps (which every episode and
-    # evaluation keeps) is Flow-GRPO's denoising reduction: a segment costs about steps / model's.
+    # evaluation keeps) is Flow-GRPO's denoising reduction: a GRPO segment then costs about
+    # grpo.sample_steps / model.sample_steps of a full one, to sample and to train on.
     sample_steps: int = param(10, range="[1, inf)")
     noise_level: float = param(0.7, range="(0, inf)")  # Flow-GRPO's 'a' in sigma_t = a sqrt(t / (1 - t))
     # Noisy steps per rollout (0 = all): a shared window, as MixGRPO, so members stay comparable.

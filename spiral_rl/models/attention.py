@@ -61,7 +61,8 @@ def fold_device_checks() -> None:
     """Let torch.compile fold `_hopper_or_newer` (a device's capability never changes) instead of
     tracing into torch.cuda. Called by DiT.compile_blocks rather than applied as a decorator:
     torch.compiler.assume_constant_result imports torch._dynamo, ~2 s of CPU at the start of every
-    process that imports this module (each Ray actor and driver), and most never compile."""
+    process that imports this module, and rollout workers and critic servers neither compile nor
+    build an optimizer (torch.optim imports it too)."""
     torch.compiler.assume_constant_result(_hopper_or_newer)  # marks the function in place
 
 
