@@ -31,7 +31,7 @@ CONFIG = ROOT / "configs" / "grpo_improve.yaml"
 def main(argv: list[str]) -> int:
     out = [a.split("=", 1)[1] for a in argv if a.startswith("--out=")]
     overrides = [a for a in argv if not a.startswith("--out=")]
-    from spiral_rl.config import config_to_dict, load_config_or_exit
+    from spiral_rl.config import load_config_or_exit
 
     cfg = load_config_or_exit([str(CONFIG), *overrides])  # bad keys fail here, before the run
     tmp = Path(tempfile.mkdtemp(prefix="spiral_improve_"))
@@ -42,9 +42,9 @@ def main(argv: list[str]) -> int:
         gain[f"one_shot_{dim}_before"], gain[f"one_shot_{dim}_after"] = round(before[dim], 4), round(after[dim], 4)
     gain["run_dir"] = str(tmp)  # rewards.png (per-dimension reward curves) and world_model.pt are there
     print("policy improvement:", json.dumps(gain), flush=True)
-    # The resolved sections the result depends on, so the record still says what ran after the
-    # YAML file changes (its name and the overrides alone would not).
-    resolved = config_to_dict(cfg)
+    # The sections the result depends on, as the driver resolved and saved them (summary.json), so
+    # the record still says what ran after the YAML file changes (its name and overrides would not).
+    resolved = json.loads((tmp / "summary.json").read_text())["config"]
     config = {"config": "configs/grpo_improve.yaml", "overrides": overrides,
               **checkpoint_id(cfg.model.pretrained_path, ROOT),
               "resolved": {k: resolved[k] for k in ("model", "reward", "grpo", "loop")}}

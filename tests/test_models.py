@@ -69,8 +69,8 @@ def test_attention_rejects_bad_backend_and_mask():
 
 def test_importing_the_models_leaves_torch_dynamo_out_until_a_model_compiles():
     """Rollout workers and critic servers import the models and never compile: torch._dynamo would
-    cost ~2 s of their start. Only
-    DiT.compile_blocks marks the device check constant for torch.compile (importing dynamo then)."""
+    cost ~2 s of their start. Only DiT.compile_blocks marks the device check constant for
+    torch.compile (importing dynamo then)."""
     code = ("import sys, importlib; import spiral_rl.models, spiral_rl.world_model; "
             "assert 'torch._dynamo' not in sys.modules, 'imported at import time'; "
             "from spiral_rl.models import DiT; from spiral_rl.models.presets import preset_config; "
