@@ -34,7 +34,7 @@ def loop_settings(cfg) -> LoopSettings:
 def group_settings(cfg) -> GroupSettings:
     g = cfg.grpo
     return GroupSettings(g.group_size, g.sample_steps, g.noise_level, g.window, g.train_steps, cfg.model.guidance,
-                         g.shared_noise)
+                         g.shared_noise, cfg.cluster.rollout_micro_batch)
 
 
 def model_device(gpus: float, key: str) -> str:
@@ -71,7 +71,8 @@ class RolloutWorker:
         self.model.eval()
         loop = ClosedLoop(self.planner, self.critic, self.generator, loop_settings(self.cfg))
         tasks = self.sampler.tasks(split, len(seeds), start=start)
-        eps = [loop.run(t, WorldMemory.from_task(t, self.cfg), seed=int(s)) for t, s in zip(tasks, seeds)]
+        eps = loop.run_many([(t, WorldMemory.from_task(t, self.cfg), int(s)) for t, s in zip(tasks, seeds)],
+                            self.cfg.loop.episode_batch)
         return prompts_from_episodes(eps), {"success": [e.success for e in eps],
                                             "attempts": [len(s.attempts) for e in eps for s in e.steps]}
 

@@ -39,7 +39,8 @@ class LocalStages:
         self.critic = CriticAgent.from_config(cfg)
         self.replay = ReplayStoreActor(str(out / "replay"), cfg.grpo.replay_capacity)
         self.trainable = freeze_except(self.model, cfg.grpo.trainable)
-        self.learner = GRPOLearner(self.model, GRPOSettings.from_config(cfg), lr=cfg.grpo.lr)
+        self.learner = GRPOLearner(self.model, GRPOSettings.from_config(cfg), lr=cfg.grpo.lr,
+                                   micro_batch=cfg.cluster.micro_batch)
 
     def describe(self) -> str:
         total = sum(p.numel() for p in self.model.parameters())

@@ -70,7 +70,7 @@ def print_plan(cfg) -> None:
             ("learner ranks", p["learner_ranks"], "cluster.learner_ranks" if ray else "cluster.mode=local: one process"),
             ("per-rank batch", p["per_rank_batch"], "segments / ranks"),
             ("micro-batch", p["micro_batch"], f"cluster.micro_batch -> {p['micro_batches_per_rank']} per rank"
-             if ray else "the whole batch"),
+             if cfg.cluster.micro_batch else "cluster.micro_batch=0: the whole batch"),
             ("trained steps per update", p["trained_steps_per_update"],
              f"grpo.train_steps of a window of {p['sde_window_steps']} (grpo.window) of {g.sample_steps} SDE steps"),
             ("gradient accumulation", p["grad_accumulation"], "backward passes per optimizer step: micro-batches x steps"),

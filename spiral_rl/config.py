@@ -155,6 +155,9 @@ class LoopConfig:
     mode: str = param("spiral", choices=("open_loop", "plan_only", "spiral"))
     max_retries: int = param(2, range="[0, inf)")  # regenerations of a failing segment
     max_replans: int = param(2, range="[0, inf)")  # replans of the rest before giving up
+    # Episodes advanced side by side (0 = all of a call's); their pending segments are generated as
+    # one batch. Decisions stay per episode, so this changes speed, not results (up to float order).
+    episode_batch: int = param(8, range="[0, inf)")
 
 
 @dataclass
@@ -272,9 +275,13 @@ class ClusterConfig:
     # and the first-ratio guard (grpo.py) may refuse the update; off unless rollouts match it.
     bf16: bool = False
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory (zero_stage >= 1)
-    # Segments per learner forward on a rank; 0 = the whole batch; must divide it. Take the largest that
-    # fits: ZeRO-3 gathers the weights for every pass (5B on 4xH200: 4 -> 16 cut the update 3.5x).
+    # Segments per learner forward on a rank (cluster.mode=local: of the one process); 0 = the whole
+    # batch; must divide it. On GPU take the largest that fits: ZeRO-3 gathers the weights for every
+    # pass (5B on 4xH200: 4 -> 16 cut the update 3.5x); on a CPU, a slice that stays in cache.
     micro_batch: int = param(0, range="[0, inf)")
+    # SDE samples per forward when a rollout worker draws its groups (0 = all at once). The noise is
+    # drawn for the whole call first, so this changes speed and memory, not the samples.
+    rollout_micro_batch: int = param(0, range="[0, inf)")
     # Learner -> rollout weights after each update: 'object_store' (one put of a numpy state dict),
     # 'broadcast' (bucketed torch.distributed broadcast: NCCL on GPU, gloo on CPU), 'auto': broadcast
     # when learners and rollout workers each hold a whole GPU, else object_store.

@@ -72,6 +72,9 @@ def cross_field_errors(c: Config) -> list[str]:
                       "(cluster.mode='local' shares one model between them)")
     if c.cluster.mode == "ray":
         errors += cluster_errors(c)
+    elif c.cluster.micro_batch and (c.grpo.prompts_per_iter * c.grpo.group_size) % c.cluster.micro_batch:
+        errors.append(f"cluster.micro_batch={c.cluster.micro_batch} must divide the learner batch of "
+                      f"grpo.prompts_per_iter={c.grpo.prompts_per_iter} x grpo.group_size={c.grpo.group_size} segments")
     return errors
 
 

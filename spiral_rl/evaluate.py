@@ -79,7 +79,8 @@ def run_mode(planner, critic, generator, tasks: Sequence[Task], cfg, base: LoopS
     """One episode per task in `mode` (base's budgets); task i gets seed + 10_000 i, so every mode
     (and every caller: evaluate, benchmarks/loop_gain.py) sees the same noise on the same task."""
     loop = ClosedLoop(planner, critic, generator, replace(base, mode=mode))
-    return [loop.run(t, WorldMemory.from_task(t, cfg), seed=seed + 10_000 * i) for i, t in enumerate(tasks)]
+    return loop.run_many([(t, WorldMemory.from_task(t, cfg), seed + 10_000 * i) for i, t in enumerate(tasks)],
+                         cfg.loop.episode_batch)
 
 
 def evaluate(planner, critic, generator, tasks: Sequence[Task], cfg, base: LoopSettings,

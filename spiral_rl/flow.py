@@ -230,10 +230,12 @@ def ode_sample(velocity: VelocityFn, context: Tensor, cond: Any, noise: Tensor, 
 def sde_sample(velocity: VelocityFn, context: Tensor, cond: Any, noise: Tensor, num_steps: int,
                noise_level: float, shift: float = 1.0, guidance: float = 1.0, uncond: Any = None,
                generator: torch.Generator | None = None,
-               sde_window: Sequence[int] | None = None) -> Trajectory:
+               sde_window: Sequence[int] | None = None, step_noise: Tensor | None = None) -> Trajectory:
     """Flow-GRPO SDE rollout (see `_transition`), recording latents and transition log-probs.
 
-    noise: (B, C, T, H, W) at t = 1. Steps i in sde_window = [start, end) inject noise and record
+    noise: (B, C, T, H, W) at t = 1; step_noise: (end - start, B, C, T, H, W), the window's
+    injected noise drawn by the caller (so a batch sampled in slices gets the noise it would get
+    whole), or None to draw it from `generator` step by step. Steps i in sde_window = [start, end) inject noise and record
     log N(x_{i+1}; mean_i, std_i^2); the others are deterministic ODE steps (MixGRPO /
     Flow-GRPO-Fast: fewer steps to train on, the rest cheap). The window is an argument, never
     drawn here, because all members of a GRPO group must share it for their advantages to compare.
@@ -252,7 +254,8 @@ def sde_sample(velocity: VelocityFn, context: Tensor, cond: Any, noise: Tensor, 
         stochastic = start <= i < end and noise_level > 0
         mean, std = _transition(x, v, ts[i], ts[i + 1], noise_level if stochastic else 0.0, ts[1])
         if stochastic:
-            eps = torch.randn(x.shape, generator=generator, device=x.device)
+            eps = (torch.randn(x.shape, generator=generator, device=x.device) if step_noise is None
+                   else step_noise[i - start].to(x.device, torch.float32))
             x = mean + std * eps
             log_probs[i] = _gaussian_logprob_sum(x, mean, std)
         else:

@@ -223,35 +223,42 @@ def freeze_except(model: nn.Module, trainable: str) -> int:
 
 
 class GRPOLearner:
-    """Owns the policy's optimiser and a frozen reference copy; `update` is one GRPO step."""
+    """Owns the policy's optimiser and a frozen reference copy; `update` is one GRPO step.
+
+    micro_batch: segments per forward (0 = the whole batch; it must divide the batch). On a CPU a
+    slice whose activations stay in cache runs the same work faster than one pass over the whole
+    batch (benchmarks/RESULTS.md, section 8); the gradient is the same mean either way."""
 
     def __init__(self, model: nn.Module, settings: GRPOSettings, lr: float = 1e-4,
-                 weight_decay: float = 0.0, reference: nn.Module | None = None):
-        self.model, self.settings = model, settings
+                 weight_decay: float = 0.0, reference: nn.Module | None = None, micro_batch: int = 0):
+        self.model, self.settings, self.micro_batch = model, settings, micro_batch
         self.reference = reference if reference is not None else make_reference(model, settings)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                            lr=lr, weight_decay=weight_decay)
 
     def update(self, batch: GRPOBatch, check_ratio: bool = True) -> dict:
-        """Accumulates the loss of every step in batch.steps (one backward per step, so only one
-        step's activations are alive), clips the gradient and steps the optimiser.
+        """Accumulates the loss of every (micro-batch, step) in batch.steps (one backward each, so
+        only one pass's activations are alive), clips the gradient and steps the optimiser.
 
-        check_ratio: assert rho == 1 on the first step; pass True for the first update of an
-        iteration (weights unchanged since the rollout), False for later ones."""
+        check_ratio: assert rho == 1 on the first step of every micro-batch; pass True for the first
+        update of an iteration (weights unchanged since the rollout), False for later ones."""
         check_batch(batch)
         steps = list(batch.steps)
+        parts = batch.micro_batches(self.micro_batch) if self.micro_batch else [batch]
+        n_pass = len(parts) * len(steps)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        for n, i in enumerate(steps):
-            loss, stats = step_loss(self.model, self.reference, batch, i, self.settings)
-            if check_ratio and n == 0:
-                check_first_ratio(stats["ratio_max_dev"], self.settings)
-            (loss / len(steps)).backward()
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v / len(steps)
-            if n == 0:
-                totals["first_ratio_max_dev"] = stats["ratio_max_dev"]
+        totals: dict[str, float] = {"first_ratio_max_dev": 0.0}
+        for part in parts:
+            for n, i in enumerate(steps):
+                loss, stats = step_loss(self.model, self.reference, part, i, self.settings)
+                if n == 0:
+                    if check_ratio:
+                        check_first_ratio(stats["ratio_max_dev"], self.settings)
+                    totals["first_ratio_max_dev"] = max(totals["first_ratio_max_dev"], stats["ratio_max_dev"])
+                (loss / n_pass).backward()  # equal slices: the mean of the passes is the batch's mean
+                for k, v in stats.items():  # means over passes; the ratio's deviation is the worst
+                    totals[k] = max(totals.get(k, 0.0), v) if k == "ratio_max_dev" else totals.get(k, 0.0) + v / n_pass
         totals["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm))
         self.optimizer.step()
         return totals

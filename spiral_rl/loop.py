@@ -14,12 +14,16 @@ Modes, for comparison: "open_loop" generates one segment per reference step from
 instruction, with no plan and no critic in the loop; "plan_only" plans and generates each
 sub-action once; "spiral" is the full loop. In every mode each committed segment is scored by
 the critic against the reference sub-action, so the modes are measured by the same yardstick.
+
+Episodes are coroutines that yield a GenerationRequest per segment: `ClosedLoop.run_many`
+advances several side by side and generates their pending segments as one batch (loop.episode_batch),
+which on a CPU samples 32 segments ~1.4x faster than one at a time (benchmarks/RESULTS.md, section 8).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -110,20 +114,74 @@ def refine_prompt(sub: SubAction, verdict: Verdict | None, settings: LoopSetting
     return f"{sub.text}. Avoid this: {verdict.feedback}"
 
 
+@dataclass
+class GenerationRequest:
+    """One segment an episode waits for: the Generator's arguments."""
+    memory: WorldMemory
+    sub: SubAction
+    prompt: str
+    seed: int
+    guidance: float
+
+
+def generate_all(generator: Generator, requests: Sequence[GenerationRequest]) -> list[np.ndarray]:
+    """The frames of every request: in one call when the generator has `batch(requests)` (a model
+    samples a batch for little more than one segment), else one call per request."""
+    batch = getattr(generator, "batch", None)
+    if batch is not None:
+        return batch(requests)
+    return [generator(r.memory, r.sub, r.prompt, r.seed, r.guidance) for r in requests]
+
+
 class ClosedLoop:
+    """Episodes as coroutines: each yields a GenerationRequest where it needs a segment and takes
+    the frames back, so `run_many` can advance many episodes side by side and generate their
+    pending segments together. Every decision stays inside one episode; batching changes which
+    segments share a forward pass, not what any episode does (seeds are per request)."""
+
     def __init__(self, planner, critic, generator: Generator, settings: LoopSettings):
         self.planner, self.critic, self.generator, self.settings = planner, critic, generator, settings
 
     def run(self, task: Task, memory: WorldMemory, seed: int = 0) -> Episode:
+        return self.run_many([(task, memory, seed)])[0]
+
+    def run_many(self, jobs: Sequence[tuple[Task, WorldMemory, int]], side_by_side: int = 0) -> list[Episode]:
+        """One episode per (task, memory, seed), in order; side_by_side episodes at a time
+        (0 = all), their pending segments generated in one generate_all call per round."""
+        jobs, done = list(jobs), {}
+        width = side_by_side or max(1, len(jobs))
+        live: dict[int, tuple[Iterator, GenerationRequest]] = {}
+        queue = iter(range(len(jobs)))
+
+        def advance(i: int, coro: Iterator, frames: np.ndarray | None) -> None:
+            try:
+                live[i] = (coro, coro.send(frames))
+            except StopIteration as stop:
+                live.pop(i, None)
+                done[i] = stop.value
+
+        while True:
+            while len(live) < width and (i := next(queue, None)) is not None:
+                task, memory, seed = jobs[i]
+                advance(i, self._episode(task, memory, seed), None)  # runs to its first request
+            if not live:
+                return [done[i] for i in range(len(jobs))]
+            order = sorted(live)
+            frames = generate_all(self.generator, [live[i][1] for i in order])
+            for i, f in zip(order, frames):
+                advance(i, live[i][0], f)
+
+    def _episode(self, task: Task, memory: WorldMemory, seed: int):
+        """Coroutine of one episode: yields GenerationRequests, returns the Episode."""
         mode = self.settings.mode
         if mode == "open_loop":
-            return self._open_loop(task, memory, seed)
+            return (yield from self._open_loop(task, memory, seed))
         plan = self.planner.plan(task.instruction, task.scene)
         episode = Episode(task.task_id, mode, task.instruction, [], task.first_frame[None], planned=len(plan))
         video, k = [task.first_frame], 0
         while k < len(plan):
             nxt = plan[k + 1] if k + 1 < len(plan) else None
-            step, frames = self._step(plan[k], nxt, memory, seed + 1000 * k, retries=mode == "spiral")
+            step, frames = yield from self._step(plan[k], nxt, memory, seed + 1000 * k, retries=mode == "spiral")
             episode.steps.append(step)
             video.extend(frames)
             k += 1
@@ -142,16 +200,16 @@ class ClosedLoop:
         episode.planned, episode.video = len(plan), np.stack(video)
         return episode
 
-    def _step(self, sub: SubAction, nxt: SubAction | None, memory: WorldMemory, seed: int,
-              retries: bool) -> tuple[StepRecord, np.ndarray]:
-        """Inner loop for one sub-action; commits the best attempt to memory and returns it."""
+    def _step(self, sub: SubAction, nxt: SubAction | None, memory: WorldMemory, seed: int, retries: bool):
+        """Inner loop for one sub-action (a coroutine); commits the best attempt to memory and
+        returns (StepRecord, its frames)."""
         s = self.settings
         context, objects = memory.context(), memory.objects  # before the step: a GRPO prompt
         attempts, segments, verdict = [], [], None
         for a in range((s.max_retries if retries else 0) + 1):
             prompt = refine_prompt(sub, verdict, s)
             guidance = s.guidance + a * s.retry_guidance_step
-            frames = self.generator(memory, sub, prompt, seed + a, guidance)
+            frames = yield GenerationRequest(memory, sub, prompt, seed + a, guidance)
             segment = Segment(frames, sub, context, seed=seed + a, attempt=a)
             verdict = self.critic.score(segment, sub, memory, nxt if retries else None)
             attempts.append(Attempt(prompt, seed + a, guidance, verdict))
@@ -162,14 +220,14 @@ class ClosedLoop:
         memory.commit(segments[best], attempts[best].verdict, attempts=len(attempts))
         return StepRecord(sub, attempts, best, context, objects), segments[best].frames
 
-    def _open_loop(self, task: Task, memory: WorldMemory, seed: int) -> Episode:
+    def _open_loop(self, task: Task, memory: WorldMemory, seed: int):
         """One generation per reference step from the whole instruction; the critic only measures."""
         plan = task.reference_plan
         episode = Episode(task.task_id, "open_loop", task.instruction, [], task.first_frame[None], planned=len(plan))
         video = [task.first_frame]
         for k, sub in enumerate(plan):
             context, objects = memory.context(), memory.objects
-            frames = self.generator(memory, sub, task.instruction, seed + 1000 * k, self.settings.guidance)
+            frames = yield GenerationRequest(memory, sub, task.instruction, seed + 1000 * k, self.settings.guidance)
             segment = Segment(frames, sub, context, seed=seed + 1000 * k)
             verdict = self.critic.score(segment, sub, memory)
             memory.commit(segment, verdict)

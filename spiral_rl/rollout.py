@@ -20,7 +20,7 @@ import torch
 
 from spiral_rl.flow import Trajectory, sde_sample
 from spiral_rl.grpo import GRPOBatch, group_advantages
-from spiral_rl.loop import Episode
+from spiral_rl.loop import Episode, GenerationRequest
 from spiral_rl.models.dit import frames_to_tensor, tensor_to_frames
 from spiral_rl.records import SCORE_DIMS, Prompt
 from spiral_rl.replay import ScoredSegment
@@ -35,6 +35,7 @@ class GroupSettings:
     train_steps: int = 0  # steps of the window the learner trains on (0: all of the window)
     guidance: float = 1.0
     shared_noise: bool = False  # one initial noise per group (grpo.shared_noise; config.py says why)
+    micro_batch: int = 0  # samples per forward (cluster.rollout_micro_batch; 0: all at once)
 
 
 class RecordedObjects:
@@ -73,7 +74,7 @@ def draw_window(settings: GroupSettings, rng: np.random.Generator) -> tuple[int,
 
 def grpo_batch_plan(cfg) -> dict[str, int]:
     """What the grpo and cluster keys resolve to per iteration (launch/grpo.py prints it). In
-    cluster.mode=local one process takes the whole batch in one forward per trained step."""
+    cluster.mode=local one process takes the whole batch, in micro-batches of cluster.micro_batch."""
     g, k = cfg.grpo, cfg.cluster
     start, end = draw_window(GroupSettings(g.group_size, g.sample_steps, g.noise_level, g.window),
                              np.random.default_rng(0))
@@ -82,7 +83,7 @@ def grpo_batch_plan(cfg) -> dict[str, int]:
     segments = g.prompts_per_iter * g.group_size
     ranks = max(1, k.learner_ranks) if k.mode == "ray" else 1
     per_rank = segments // ranks
-    micro = (k.micro_batch or per_rank) if k.mode == "ray" else per_rank
+    micro = k.micro_batch or per_rank
     micro_batches = max(1, per_rank // micro)
     return {"prompts_per_iter": g.prompts_per_iter, "group_size": g.group_size,
             "segments_per_learner_step": segments, "learner_ranks": ranks, "per_rank_batch": per_rank,
@@ -137,7 +138,9 @@ class Samples:
 @torch.no_grad()
 def sample_sde(model, prompts: Sequence[Prompt], settings: GroupSettings, rng: np.random.Generator,
                window: tuple[int, int] | None = None) -> Samples:
-    """G SDE samples per prompt in one batched call; window: the shared SDE window (None: drawn here)."""
+    """G SDE samples per prompt; window: the shared SDE window (None: drawn here). Sampled in
+    slices of settings.micro_batch with every sample's noise drawn first (its initial noise from its
+    own seed, the window's from one generator for the call), so slicing changes speed, not samples."""
     g, t0 = settings.group_size, time.perf_counter()
     contexts = np.stack([p.context for p in prompts]).repeat(g, axis=0)  # (P * G, K, H, W, 3)
     texts = [p.sub_action.text for p in prompts for _ in range(g)]
@@ -146,12 +149,21 @@ def sample_sde(model, prompts: Sequence[Prompt], settings: GroupSettings, rng: n
         # so the window drawn next from rng is the same with and without it
         seeds = [seeds[i - i % g] for i in range(len(seeds))]
     window = tuple(window) if window is not None else draw_window(settings, rng)
-    inp = model.prepare(contexts, texts, seed=seeds, guidance=settings.guidance)
-    traj = sde_sample(model.velocity, inp.context, inp.cond, inp.noise, settings.sample_steps,
-                      settings.noise_level, model.cfg.shift, settings.guidance, inp.uncond,
-                      torch.Generator(device=inp.noise.device).manual_seed(int(seeds[0])), window)
-    return Samples(list(prompts), g, seeds, traj.window, tensor_to_frames(traj.sample),  # (P * G, T, H, W, 3)
-                   traj.latents.cpu().numpy(), traj.log_probs.cpu().numpy(), traj.timesteps.cpu().numpy(),
+    size = settings.micro_batch or len(texts)
+    slices = [slice(a, a + size) for a in range(0, len(texts), size)]
+    inputs = [model.prepare(contexts[b], texts[b], seed=seeds[b], guidance=settings.guidance) for b in slices]
+    step_noise = None
+    if settings.noise_level > 0:  # (window steps, P * G, C, T, H, W), drawn on the CPU as the initial noise is
+        shape = (window[1] - window[0], len(texts), *inputs[0].noise.shape[1:])
+        step_noise = torch.randn(shape, generator=torch.Generator().manual_seed(int(seeds[0])))
+    parts = [sde_sample(model.velocity, inp.context, inp.cond, inp.noise, settings.sample_steps, settings.noise_level,
+                        model.cfg.shift, settings.guidance, inp.uncond, sde_window=window,
+                        step_noise=None if step_noise is None else step_noise[:, b])
+             for inp, b in zip(inputs, slices)]
+    latents = torch.cat([t.latents for t in parts], dim=1)  # (S + 1, P * G, C, T, H, W)
+    log_probs = torch.cat([t.log_probs for t in parts], dim=1)  # (S, P * G)
+    return Samples(list(prompts), g, seeds, parts[0].window, tensor_to_frames(latents[-1]),  # (P * G, T, H, W, 3)
+                   latents.cpu().numpy(), log_probs.cpu().numpy(), parts[0].timesteps.cpu().numpy(),
                    settings.noise_level, settings.guidance, time.perf_counter() - t0)
 
 
@@ -228,5 +240,17 @@ class ModelGenerator:
         self.model, self.num_steps = model, num_steps
 
     def __call__(self, memory, sub, prompt: str, seed: int, guidance: float) -> np.ndarray:
-        return self.model.generate(memory.context()[None], [prompt], seed=[seed],
-                                   num_steps=self.num_steps, guidance=guidance)[0]
+        return self.batch([GenerationRequest(memory, sub, prompt, seed, guidance)])[0]
+
+    def batch(self, requests: Sequence[GenerationRequest]) -> list[np.ndarray]:
+        """Each request's (T, H, W, 3) uint8 segment; one generate call per guidance value, each
+        sample from its own seed (so a segment does not depend on its batch, up to float order)."""
+        out: list[np.ndarray | None] = [None] * len(requests)
+        for guidance in sorted({r.guidance for r in requests}):
+            idx = [i for i, r in enumerate(requests) if r.guidance == guidance]
+            frames = self.model.generate(np.stack([requests[i].memory.context() for i in idx]),
+                                         [requests[i].prompt for i in idx], seed=[requests[i].seed for i in idx],
+                                         num_steps=self.num_steps, guidance=guidance)  # (B, T, H, W, 3)
+            for i, f in zip(idx, frames):
+                out[i] = f
+        return out

@@ -1,4 +1,4 @@
-"""Every GPU benchmark's --quick mode (CPU, tiny shapes): the scripts run end to end, their
+"""Every benchmark's --quick mode (CPU, tiny shapes): the scripts run end to end, their
 correctness checks pass, and they write their record to the given path, never over the GPU
 results in benchmarks/results/. CPU, ~1 minute in all; no timing is asserted."""
 import json
@@ -19,6 +19,7 @@ SCRIPTS = {
     "weight_sync": ([], ["seconds", "runs"]),
     "memory": (["deepspeed"], ["rows", "model_state_gib_analytic"]),
     "grpo_fixed_prompts": ([], ["series", "sde_reward_per_update", "reward_gain_trained", "reward_gain_held_out"]),
+    "grpo_cpu_costs": ([], ["episodes_speedup", "episode_tables_equal", "learner_speedup_vs_whole_batch"]),
 }
 
 
@@ -49,6 +50,8 @@ def test_quick_mode_runs_and_checks_pass(name, tmp_path):
         assert m["all_correct"]
     if name == "weight_sync":
         assert all(r["verified"] for r in m["runs"])
+    if name == "grpo_cpu_costs":  # episodes side by side reach the evaluation one at a time does
+        assert m["episode_tables_equal"] and set(m["learner_speedup_vs_whole_batch"]) == {"micro_8"}
     if name == "grpo_fixed_prompts":  # evaluated before and after its one update, on both prompt sets
         assert [r["update"] for r in m["series"]] == [0, 1] and len(m["sde_reward_per_update"]) == 1
         assert all(0 <= r[k]["reward"] <= 1 for r in m["series"] for k in ("trained_ode", "held_out_ode"))

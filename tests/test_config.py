@@ -66,6 +66,10 @@ def test_grpo_batch_plan_and_cluster_rules():
     # the per-rank rules apply to the distributed learner only
     local = load_config(["cluster.mode=local", "grpo.prompts_per_iter=3", "grpo.group_size=3"])
     assert grpo_batch_plan(local)["per_rank_batch"] == 9 and grpo_batch_plan(local)["learner_ranks"] == 1
+    sliced = grpo_batch_plan(load_config(["cluster.mode=local", "cluster.micro_batch=8", "grpo.window=2"]))
+    assert (sliced["micro_batch"], sliced["micro_batches_per_rank"], sliced["grad_accumulation"]) == (8, 4, 8)
+    with pytest.raises(ConfigError, match="cluster.micro_batch=5 must divide the learner batch"):
+        load_config(["cluster.mode=local", "cluster.micro_batch=5"])
     ci = load_config([str(CONFIGS / "grpo_ci.yaml")]), load_config([str(CONFIGS / "grpo_ray_ci.yaml")])
     assert ci[0].cluster.mode == "local" and ci[1].cluster.mode == "ray" and ci[0].grpo == ci[1].grpo.__class__(
         **{**dataclasses.asdict(ci[1].grpo), "checkpoint_every": ci[0].grpo.checkpoint_every})

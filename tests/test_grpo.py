@@ -151,6 +151,27 @@ def test_without_kl_no_reference_is_kept_and_the_update_is_the_same(model):
         assert torch.equal(a, b), name
 
 
+def test_micro_batched_update_matches_the_whole_batch(model):
+    """micro_batch=2 over 4 segments (2 slices x 2 steps = 4 backward passes) gives the whole
+    batch's update: the loss is a mean, so equal slices average to it (float order aside)."""
+    inp, texts, traj = _rollout(model)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    twin = WorldModel(model.cfg, model.num_frames)
+    twin.load_state_dict(model.state_dict())
+    whole = GRPOLearner(model, GRPOSettings(clip_range=0.2, kl_coef=0.1), lr=1e-3)
+    sliced = GRPOLearner(twin, GRPOSettings(clip_range=0.2, kl_coef=0.1), lr=1e-3, micro_batch=2)
+    for it in range(2):  # the second update has a KL term and ratios away from 1
+        a = whole.update(GRPOBatch(inp.context, texts, traj, adv, steps=[1, 2]), check_ratio=(it == 0))
+        b = sliced.update(GRPOBatch(inp.context, texts, traj, adv, steps=[1, 2]), check_ratio=(it == 0))
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-7)
+    assert a["kl"] > 0
+    worst = max((x - y).abs().max().item() for x, y in zip(model.parameters(), twin.parameters()))
+    assert worst < 1e-6, worst
+    with pytest.raises(ValueError, match="micro-batch size 3 must divide the batch of 4"):
+        GRPOLearner(twin, GRPOSettings(), micro_batch=3).update(GRPOBatch(inp.context, texts, traj, adv, steps=[1]))
+
+
 def test_grpo_raises_the_critic_reward_on_fixed_prompts():
     """The whole GRPO path (SDE groups with log-probs -> CriticAgent scores -> group advantages ->
     update, the first ratio checked every iteration) raises the critic's reward on fixed prompts,

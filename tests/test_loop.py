@@ -125,3 +125,35 @@ def test_evaluation_breaks_completeness_down_by_verb_and_merges_across_workers(c
     for verb, v in by_verb.items():
         assert merged["by_verb"][verb]["steps"] == v["steps"]
         assert merged["by_verb"][verb]["action_completeness"] == pytest.approx(v["action_completeness"])
+
+
+class BatchingGenerator(ScriptedGenerator):
+    """The scripted generator with a `batch` method that records each batch's size."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.batches: list[int] = []
+
+    def batch(self, requests):
+        self.batches.append(len(requests))
+        return [self(r.memory, r.sub, r.prompt, r.seed, r.guidance) for r in requests]
+
+
+@pytest.mark.parametrize("mode", ["open_loop", "plan_only", "spiral"])
+def test_episodes_side_by_side_match_one_at_a_time(cfg, parts, mode):
+    """run_many advances episodes together and hands their pending segments to the generator's
+    `batch` in one call, without changing any attempt, verdict, re-plan or frame."""
+    sampler, planner, critic = parts
+    settings = LoopSettings(mode, max_retries=2)
+    tasks = sampler.tasks("val", 7)
+    jobs = lambda: [(t, WorldMemory.from_task(t, cfg), 100 * i) for i, t in enumerate(tasks)]  # noqa: E731
+    alone = [ClosedLoop(planner, critic, ScriptedGenerator(planner.physics, cfg.world.frame_size, 0.5), settings)
+             .run(t, m, s) for t, m, s in jobs()]
+    gen = BatchingGenerator(planner.physics, cfg.world.frame_size, 0.5)
+    together = ClosedLoop(planner, critic, gen, settings).run_many(jobs(), side_by_side=3)
+    assert [e.to_json() for e in together] == [e.to_json() for e in alone]
+    assert all(np.array_equal(a.video, b.video) for a, b in zip(alone, together))
+    requests = sum(len(s.attempts) for e in alone for s in e.steps)
+    assert sum(gen.batches) == requests and max(gen.batches) == 3 and len(gen.batches) < requests
+    if mode == "spiral":
+        assert any(len(s.attempts) > 1 for e in alone for s in e.steps)  # retries desynchronise episodes

@@ -8,7 +8,7 @@ from spiral_rl.agents.critic import CriticAgent
 from spiral_rl.agents.planner import PlanAgent
 from spiral_rl.config import load_config
 from spiral_rl.grpo import GRPOLearner, GRPOSettings
-from spiral_rl.loop import ClosedLoop, LoopSettings
+from spiral_rl.loop import ClosedLoop, GenerationRequest, LoopSettings
 from spiral_rl.memory import WorldMemory
 from spiral_rl.replay import ReplayStore
 from spiral_rl.rollout import GroupSettings, ModelGenerator, prompts_from_episodes, sample_groups, sample_sde, to_batch
@@ -65,6 +65,29 @@ def test_model_generator_is_a_loop_generator(setup):
     assert all(a.verdict.decision in ("accept", "refine", "replan") for s in ep.steps for a in s.attempts)
 
 
+def test_model_generator_batches_episodes_without_changing_them(setup):
+    """ModelGenerator.batch samples a round's segments in one call per guidance value; each from
+    its own seed, so episodes run side by side reach the same verdicts as one at a time."""
+    cfg, sampler, planner, critic, model = setup
+    tasks = sampler.tasks("val", 4)
+    loop = ClosedLoop(planner, critic, ModelGenerator(model, num_steps=2), LoopSettings("spiral", max_retries=1))
+    jobs = lambda: [(t, WorldMemory.from_task(t, cfg), 7 * i) for i, t in enumerate(tasks)]  # noqa: E731
+    alone = [loop.run(t, m, s) for t, m, s in jobs()]
+    together = loop.run_many(jobs())
+    for a, b in zip(alone, together):
+        assert [[x.verdict.decision for x in s.attempts] for s in a.steps] == \
+            [[x.verdict.decision for x in s.attempts] for s in b.steps]
+        assert np.abs(a.video.astype(int) - b.video.astype(int)).max() <= 1  # float order only
+    memory = WorldMemory.from_task(tasks[0], cfg)
+    reqs = [GenerationRequest(memory, tasks[0].reference_plan[0], "push", seed, g) for seed, g in
+            [(1, 1.0), (2, 2.0), (3, 1.0)]]
+    gen = ModelGenerator(model, num_steps=2)
+    for r, f in zip(reqs, gen.batch(reqs)):  # guidance groups are split and put back in request order
+        alone = gen(memory, r.sub, r.prompt, r.seed, r.guidance)
+        assert np.abs(f.astype(int) - alone.astype(int)).max() <= 1
+    assert np.abs(gen.batch(reqs[:1])[0].astype(int) - gen.batch(reqs[1:2])[0].astype(int)).max() > 1
+
+
 def test_prompts_mark_retried_steps_and_focus_puts_them_first():
     """A step whose first attempt the critic rejected becomes a `retried` prompt; with
     grpo.prompt_focus=retried launch/grpo.py's choose_prompts takes every such prompt before any other,
@@ -114,3 +137,20 @@ def test_shared_noise_gives_a_group_one_initial_noise(setup):
         assert np.array_equal(still.latents[-1, 0], still.latents[-1, 2]) == shared
         assert not np.array_equal(noisy.latents[-1, 0], noisy.latents[-1, 2])  # the window's noise differs
         assert not np.array_equal(still.latents[-1, 0], still.latents[-1, 3])  # another prompt, another noise
+
+
+def test_sampling_in_slices_draws_the_same_samples(setup):
+    """cluster.rollout_micro_batch: the groups sampled 4 segments per forward (ragged: 6 = 4 + 2)
+    are the whole batch's samples, noise for noise (the window's noise is drawn for the whole call
+    first), up to float rounding, with the same log-probs and window."""
+    cfg, sampler, planner, critic, model = setup
+    loop = ClosedLoop(planner, critic, ScriptedGenerator(planner.physics, 16, 0.0), LoopSettings("spiral"))
+    tasks = sampler.tasks("train", 2)
+    prompts = prompts_from_episodes([loop.run(t, WorldMemory.from_task(t, cfg), seed=i) for i, t in enumerate(tasks)])[:2]
+    whole, sliced = (sample_sde(model, prompts, GroupSettings(3, 5, 0.7, window=3, micro_batch=m),
+                                np.random.default_rng(0)) for m in (0, 4))
+    assert whole.window == sliced.window and whole.seeds == sliced.seeds
+    assert np.abs(whole.latents - sliced.latents).max() < 1e-5
+    np.testing.assert_allclose(sliced.log_probs, whole.log_probs, rtol=1e-4, atol=1e-2)
+    assert (whole.log_probs[slice(*whole.window)] != 0).all()  # the window's steps carry densities
+    assert np.abs(whole.frames.astype(int) - sliced.frames.astype(int)).max() <= 1
