@@ -128,9 +128,13 @@ def generate_all(generator: Generator, requests: Sequence[GenerationRequest]) ->
     """The frames of every request: in one call when the generator has `batch(requests)` (a model
     samples a batch for little more than one segment), else one call per request."""
     batch = getattr(generator, "batch", None)
-    if batch is not None:
-        return batch(requests)
-    return [generator(r.memory, r.sub, r.prompt, r.seed, r.guidance) for r in requests]
+    if batch is None:
+        return [generator(r.memory, r.sub, r.prompt, r.seed, r.guidance) for r in requests]
+    frames = list(batch(requests))
+    if len(frames) != len(requests):  # a short answer would leave episodes waiting forever
+        raise ValueError(f"{type(generator).__name__}.batch returned {len(frames)} segments for "
+                         f"{len(requests)} requests")
+    return frames
 
 
 class ClosedLoop:

@@ -157,3 +157,13 @@ def test_episodes_side_by_side_match_one_at_a_time(cfg, parts, mode):
     assert sum(gen.batches) == requests and max(gen.batches) == 3 and len(gen.batches) < requests
     if mode == "spiral":
         assert any(len(s.attempts) > 1 for e in alone for s in e.steps)  # retries desynchronise episodes
+
+
+def test_a_batch_generator_that_drops_segments_fails_loudly(cfg, parts):
+    sampler, planner, critic = parts
+    gen = BatchingGenerator(planner.physics, cfg.world.frame_size, 0.0)
+    gen.batch = lambda requests: [gen(r.memory, r.sub, r.prompt, r.seed, r.guidance) for r in requests[1:]]
+    tasks = sampler.tasks("val", 2)
+    with pytest.raises(ValueError, match="returned 1 segments for 2 requests"):
+        ClosedLoop(planner, critic, gen, LoopSettings("plan_only")).run_many(
+            [(t, WorldMemory.from_task(t, cfg), i) for i, t in enumerate(tasks)])
