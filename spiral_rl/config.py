@@ -277,7 +277,8 @@ class ClusterConfig:
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory (zero_stage >= 1)
     # Segments per learner forward on a rank (cluster.mode=local: of the one process); 0 = the whole
     # batch; must divide it. On GPU take the largest that fits: ZeRO-3 gathers the weights for every
-    # pass (5B on 4xH200: 4 -> 16 cut the update 3.5x); on a CPU, a slice that stays in cache.
+    # pass (5B on 4xH200: 4 -> 16 cut the update 3.5x); on a CPU small ones (16 of 128 segments:
+    # 1.65-1.83x the whole batch on 2 cores, benchmarks/grpo_cpu_costs.py).
     micro_batch: int = param(0, range="[0, inf)")
     # SDE samples per forward when a rollout worker draws its groups (0 = all at once). The noise is
     # drawn for the whole call first, so this changes speed and memory, not the samples.

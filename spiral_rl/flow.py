@@ -235,8 +235,8 @@ def sde_sample(velocity: VelocityFn, context: Tensor, cond: Any, noise: Tensor, 
 
     noise: (B, C, T, H, W) at t = 1; step_noise: (end - start, B, C, T, H, W), the window's
     injected noise drawn by the caller (so a batch sampled in slices gets the noise it would get
-    whole), or None to draw it from `generator` step by step. Steps i in sde_window = [start, end) inject noise and record
-    log N(x_{i+1}; mean_i, std_i^2); the others are deterministic ODE steps (MixGRPO /
+    whole), or None to draw it from `generator` step by step. Steps i in sde_window = [start, end)
+    inject noise and record log N(x_{i+1}; mean_i, std_i^2); the others are deterministic ODE steps (MixGRPO /
     Flow-GRPO-Fast: fewer steps to train on, the rest cheap). The window is an argument, never
     drawn here, because all members of a GRPO group must share it for their advantages to compare.
     Latents are kept fp32 even if the model runs bf16: bf16 rounding moves a stored x_{i+1} by up

@@ -225,9 +225,9 @@ def freeze_except(model: nn.Module, trainable: str) -> int:
 class GRPOLearner:
     """Owns the policy's optimiser and a frozen reference copy; `update` is one GRPO step.
 
-    micro_batch: segments per forward (0 = the whole batch; it must divide the batch). On a CPU a
-    slice whose activations stay in cache runs the same work faster than one pass over the whole
-    batch (benchmarks/RESULTS.md, section 8); the gradient is the same mean either way."""
+    micro_batch: segments per forward (0 = the whole batch; it must divide the batch). On a CPU
+    slices with smaller activations run the same FLOPs faster than one pass over the whole batch
+    (benchmarks/RESULTS.md, section 8); the gradient is the same mean either way."""
 
     def __init__(self, model: nn.Module, settings: GRPOSettings, lr: float = 1e-4,
                  weight_decay: float = 0.0, reference: nn.Module | None = None, micro_batch: int = 0):

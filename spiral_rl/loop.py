@@ -16,8 +16,9 @@ sub-action once; "spiral" is the full loop. In every mode each committed segment
 the critic against the reference sub-action, so the modes are measured by the same yardstick.
 
 Episodes are coroutines that yield a GenerationRequest per segment: `ClosedLoop.run_many`
-advances several side by side and generates their pending segments as one batch (loop.episode_batch),
-which on a CPU samples 32 segments ~1.4x faster than one at a time (benchmarks/RESULTS.md, section 8).
+advances several side by side and generates their pending segments as one batch
+(loop.episode_batch); on 2 CPU cores, 8 side by side ran an evaluation 1.41-1.49x faster than one
+episode at a time (benchmarks/RESULTS.md, section 8).
 """
 from __future__ import annotations
 
