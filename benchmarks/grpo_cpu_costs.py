@@ -83,7 +83,7 @@ def learner_batch(samples, critic, cfg, device):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=16, help="val tasks evaluated in every mode, per width")
-    ap.add_argument("--reps", type=int, default=3, help="learner repetitions per micro-batch size")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each sampling and learner variant")
     ap.add_argument("--quick", action="store_true", help="4 tasks, 16 segments, 1 repetition; temp output")
     ap.add_argument("--out", default=None, help="results file (default benchmarks/results/grpo_cpu_costs.json)")
     ap.add_argument("overrides", nargs="*", help="config key=value (on top of configs/grpo_improve.yaml)")
@@ -111,7 +111,7 @@ def main() -> int:
     segments = cfg.grpo.prompts_per_iter * cfg.grpo.group_size
     prompts = closed_loop_prompts(worker, cfg.grpo.prompts_per_iter)
     window = draw_window(group_settings(cfg), np.random.default_rng(cfg.run.seed))
-    slice_size = cfg.cluster.rollout_micro_batch
+    slice_size = cfg.cluster.rollout_micro_batch or 16  # the config's slices, or 16 where it samples whole
     whole_t, slice_t = [], []
     for rep in range(args.reps):  # interleaved, as the learner's sizes below
         t, whole = time_sampling(worker, cfg, prompts, window, 0)
