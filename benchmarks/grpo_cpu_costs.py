@@ -26,6 +26,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ CONFIG = ROOT / "configs" / "grpo_improve.yaml"
 
 def time_episodes(worker, cfg, tasks, width: int) -> tuple[float, dict]:
     """Seconds to evaluate `tasks` in every mode with `width` episodes side by side, and the table."""
-    cfg.loop.episode_batch = width
+    cfg = replace(cfg, loop=replace(cfg.loop, episode_batch=width))
     t0 = time.perf_counter()
     table = evaluate(worker.planner, worker.critic, worker.generator, tasks, cfg, loop_settings(cfg), seed=0)
     return time.perf_counter() - t0, table
@@ -66,9 +67,9 @@ def closed_loop_prompts(worker, count: int) -> list:
 
 def time_sampling(worker, cfg, prompts, window, micro_batch: int):
     """Seconds to draw the groups of `prompts` in slices of micro_batch (0: one batch), and them."""
-    cfg.cluster.rollout_micro_batch = micro_batch
+    settings = replace(group_settings(cfg), micro_batch=micro_batch)
     t0 = time.perf_counter()
-    samples = sample_sde(worker.model, prompts, group_settings(cfg), np.random.default_rng(cfg.run.seed), window)
+    samples = sample_sde(worker.model, prompts, settings, np.random.default_rng(cfg.run.seed), window)
     return time.perf_counter() - t0, samples
 
 
